@@ -1,0 +1,1 @@
+"""Fused kernels (Triton, FlexAttention) behind the attention entry point."""
