@@ -94,13 +94,22 @@ class AttentionMask:
             return "padded_causal" if self.causal else "padded_bidirectional"
         return "causal" if self.causal else "bidirectional"
 
-    def is_plain(self, T: int, S: int) -> bool:
-        """True when SDPA's flag-only path (``is_causal`` or nothing) computes this mask exactly."""
-        if self.kind == "bidirectional":
-            return True
-        # SDPA's is_causal aligns the causal diagonal to the top-left corner, so it is only
-        # right when queries and keys cover the same positions.
-        return self.kind == "causal" and self.q_offset == 0 and T == S
+    def flag_only(self, T: int, S: int) -> bool | None:
+        """The ``is_causal`` flag that makes SDPA compute this mask with no mask tensor, or None.
+
+        SDPA's ``is_causal`` aligns the diagonal to the top-left corner, so a causal mask is flag-only
+        when queries and keys cover the same positions, or when one query is the newest position
+        (a decode step sees every key: no flag at all).
+        """
+        kind = self.kind
+        if kind == "bidirectional":
+            return False
+        if kind == "causal":
+            if self.q_offset == 0 and T == S:
+                return True
+            if T == 1 and self.q_offset == S - 1:
+                return False
+        return None
 
     # ---- materialisation (reference path and SDPA fallback) ------------------------------
     def dense(self, T: int, S: int, device: torch.device | None = None) -> Tensor:
@@ -173,8 +182,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: 
     """PyTorch SDPA; flag-only (flash-eligible) when the mask is plain, else a boolean mask."""
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if mask.is_plain(T, S):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=gqa)
+    flag = mask.flag_only(T, S)
+    if flag is not None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=flag, scale=scale, enable_gqa=gqa)
     allowed = mask.dense(T, S, q.device)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     if mask.is_cross:

@@ -1,0 +1,92 @@
+"""Command line: ``minivlm summary | demo | ...``. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from minivlm.config import PRESETS, ConfigError, VLMConfig, preset
+
+
+def _load_config(spec: str) -> VLMConfig:
+    """A preset name, a checkpoint directory, or a config.json path."""
+    p = Path(spec)
+    if p.is_dir():
+        return VLMConfig.from_json(p / "config.json")
+    if p.suffix == ".json" and p.is_file():
+        return VLMConfig.from_json(p)
+    return preset(spec)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from minivlm.summary import summarize
+
+    cfg = _load_config(args.model).override(*args.overrides)
+    s = summarize(cfg, text_tokens=args.text_tokens)
+    print(json.dumps(s.to_dict(), indent=2) if args.json else f"{s.name}\n{s.table()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build ``tiny``, print its summary, run one forward/backward on random data."""
+    import torch
+
+    from minivlm.model import VisionLanguageModel
+    from minivlm.summary import summarize
+
+    torch.manual_seed(args.seed)
+    cfg = preset("tiny").override(*args.overrides)
+    model = VisionLanguageModel(cfg)
+    print(f"minivlm demo: preset {cfg.name}\n{summarize(model).table()}")
+    B, T = 4, cfg.image_seq_len + 32
+    ids = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (B, T))
+    ids[:, 1:1 + cfg.image_seq_len] = cfg.image_token_id
+    pixels = torch.randn(B, 3, cfg.encoder.image_size, cfg.encoder.image_size)
+    labels = ids.clone()
+    labels[:, : 1 + cfg.image_seq_len] = -100
+    t0 = time.perf_counter()
+    out = model(ids, pixel_values=pixels, labels=labels)
+    out.loss.backward()
+    dt = time.perf_counter() - t0
+    grads = sum(p.grad is not None for p in model.parameters())
+    print(f"forward+backward on batch {B} x {T} tokens: loss {out.loss.item():.3f} "
+          f"(ln V = {torch.log(torch.tensor(float(cfg.decoder.vocab_size))):.3f}), {dt * 1000:.0f} ms, "
+          f"{grads} parameter tensors received gradients")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minivlm", description="A from-scratch modular vision-language model library.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="parameters, FLOPs and image tokens per part")
+    p.add_argument("model", help=f"a preset ({', '.join(sorted(PRESETS))}), checkpoint directory or config.json")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. decoder.n_layers=8")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the reference sample")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("demo", help="build the tiny model and run one forward/backward")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"minivlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

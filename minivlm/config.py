@@ -1,0 +1,419 @@
+"""Configuration: one dataclass per part, nested in :class:`VLMConfig`, plus named presets.
+
+Configs are plain data: JSON round-trip (``to_dict`` / ``from_dict``), dotted overrides from the
+command line (``decoder.n_layers=8``), and ``validate()`` that names the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or combination; the message names the field."""
+
+
+@dataclass
+class EncoderConfig:
+    """Vision Transformer (Dosovitskiy et al. 2021) covering the ViT, CLIP and SigLIP layouts.
+
+    CLIP (Radford et al. 2021): ``class_token=True, pre_norm=True, patch_bias=False,
+    activation="quick_gelu", pooling="cls"``. SigLIP (Zhai et al. 2023): ``class_token=False,
+    pooling="map", activation="gelu_tanh"``.
+    """
+
+    kind: str = "vit"
+    image_size: int = 64
+    patch_size: int = 8
+    in_channels: int = 3
+    width: int = 128
+    depth: int = 4
+    n_heads: int = 4
+    mlp_dim: int = 512
+    class_token: bool = False
+    pre_norm: bool = False  # CLIP's ln_pre on the embeddings
+    final_norm: bool = True  # timm `norm`, CLIP `ln_post`, SigLIP `post_layernorm`
+    feature_norm: bool = True  # apply final_norm to the features handed to the projector
+    activation: str = "gelu"  # gelu | gelu_tanh | quick_gelu
+    pooling: str = "none"  # none | cls | mean | map  (pooled output, used for retrieval)
+    embed_dim: int | None = None  # projection after pooling (CLIP's `proj`), bias-free
+    feature_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
+    patch_bias: bool = True
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
+    init_from: str | None = None
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def resolved_feature_layer(self) -> int:
+        """feature_layer as a non-negative block index."""
+        return self.feature_layer % self.depth if self.feature_layer < 0 else self.feature_layer
+
+
+@dataclass
+class ProjectorConfig:
+    """Maps image features ``[N, P, D_img]`` to decoder-width tokens ``[N, P', D_txt]``."""
+
+    kind: str = "mlp"  # linear | mlp | pixel_shuffle | resampler
+    depth: int = 2  # Linear layers (mlp; pixel_shuffle's head). LLaVA-1.5 mlp2x_gelu = 2
+    hidden_dim: int | None = None  # None: the decoder width
+    bias: bool = True
+    shuffle_factor: int = 2  # pixel_shuffle: P tokens -> P / r^2 tokens of width D * r^2
+    n_latents: int = 16  # resampler: number of learned queries = image tokens
+    n_layers: int = 2  # resampler: cross-attention layers
+    n_heads: int = 4  # resampler heads
+    init_from: str | None = None
+
+
+@dataclass
+class FusionConfig:
+    """How image tokens meet the text stream."""
+
+    kind: str = "splice"  # splice | cross_attention | prefix
+    every: int = 1  # cross_attention: one gated block before every k-th decoder layer
+    n_heads: int | None = None  # cross_attention heads; None: decoder n_heads
+    init_from: str | None = None
+
+
+@dataclass
+class DecoderConfig:
+    """Llama-style causal decoder (Touvron et al. 2023): RMSNorm, RoPE, SwiGLU, GQA."""
+
+    kind: str = "llama"
+    vocab_size: int = 1024
+    width: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: width // n_heads
+    mlp_dim: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    max_seq_len: int = 2048
+    init_from: str | None = None
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.width // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by the trainer and the ablation runner."""
+
+    stage: str = "full"  # align | finetune | full | custom (see minivlm.train.stages)
+    lr: float = 2e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)  # per part multiplier, e.g. {"encoder": 0.5}
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+    batch_size: int = 32
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    steps: int = 1000
+    max_minutes: float | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 10
+    log_every: int = 10
+    fsdp: bool = False
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how images and text are prepared."""
+
+    mixture: str = "easy_vqa:0.5,shapes:0.25,charts:0.1,multi_image:0.05,video:0.05,retrieval:0.05"
+    resize: str = "resize"  # resize | letterbox | crop
+    split_image: bool = False
+    max_length: int = 256
+    packing: bool = False
+    num_workers: int = 0
+    video_frames: int = 4
+
+
+@dataclass
+class VLMConfig:
+    """The whole model: four parts plus the glue between them."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    image_token_id: int = 3
+    attention_backend: str = "auto"
+    name: str = "custom"
+
+    # ---- derived shapes --------------------------------------------------------------------
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image becomes after encoder + projector."""
+        p = self.projector
+        if p.kind == "pixel_shuffle":
+            return self.encoder.n_patches // (p.shuffle_factor**2)
+        if p.kind == "resampler":
+            return p.n_latents
+        return self.encoder.n_patches
+
+    @property
+    def image_seq_len(self) -> int:
+        """Placeholder tokens one image occupies in the text stream (1 marker for cross-attention)."""
+        return 1 if self.fusion.kind == "cross_attention" else self.image_tokens
+
+    # ---- validation ------------------------------------------------------------------------
+    def validate(self) -> "VLMConfig":
+        e, p, f, d = self.encoder, self.projector, self.fusion, self.decoder
+
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{name}: {msg}")
+
+        for part, cfg in (("encoder", e), ("projector", p), ("fusion", f), ("decoder", d)):
+            for fld in dataclasses.fields(cfg):
+                v = getattr(cfg, fld.name)
+                if isinstance(v, int) and not isinstance(v, bool) and fld.name != "feature_layer":
+                    need(v > 0, f"{part}.{fld.name}", f"must be positive, got {v}")
+        need(e.image_size % e.patch_size == 0, "encoder.image_size",
+             f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size}")
+        need(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
+        need(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
+             f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
+        need(e.activation in ("gelu", "gelu_tanh", "quick_gelu"), "encoder.activation",
+             f"expected gelu | gelu_tanh | quick_gelu, got {e.activation!r}")
+        need(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
+             f"expected none | cls | mean | map, got {e.pooling!r}")
+        need(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")
+        need(e.normalization in ("clip", "siglip", "imagenet"), "encoder.normalization",
+             f"expected clip | siglip | imagenet, got {e.normalization!r}")
+        if p.kind == "pixel_shuffle":
+            need(e.grid_size % p.shuffle_factor == 0, "projector.shuffle_factor",
+                 f"{p.shuffle_factor} does not divide the {e.grid_size}x{e.grid_size} patch grid "
+                 f"(image_size {e.image_size} / patch_size {e.patch_size})")
+        if p.kind == "resampler":
+            need(d.width % p.n_heads == 0, "projector.n_heads",
+                 f"decoder.width={d.width} is not divisible by projector.n_heads={p.n_heads}")
+        need(d.n_heads % d.n_kv_heads == 0, "decoder.n_kv_heads",
+             f"decoder.n_heads={d.n_heads} is not a multiple of n_kv_heads={d.n_kv_heads}")
+        need(d.head_dim is not None or d.width % d.n_heads == 0, "decoder.width",
+             f"{d.width} is not divisible by decoder.n_heads={d.n_heads}; set decoder.head_dim")
+        need(d.resolved_head_dim % 2 == 0, "decoder.head_dim", f"RoPE needs an even head dim, got {d.resolved_head_dim}")
+        need(0 <= self.image_token_id < d.vocab_size, "image_token_id",
+             f"{self.image_token_id} is outside the vocabulary [0, {d.vocab_size})")
+        if f.kind == "cross_attention":
+            heads = f.n_heads or d.n_heads
+            need(d.width % heads == 0, "fusion.n_heads", f"decoder.width={d.width} is not divisible by {heads}")
+            need(f.every <= d.n_layers, "fusion.every", f"{f.every} exceeds decoder.n_layers={d.n_layers}")
+        t = self.train
+        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+             f"expected auto | fp32 | bf16 | fp16, got {t.precision!r}")
+        need(t.schedule in ("cosine", "linear", "constant"), "train.schedule",
+             f"expected cosine | linear | constant, got {t.schedule!r}")
+        need(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
+             f"expected resize | letterbox | crop, got {self.data.resize!r}")
+        from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
+        import minivlm.model  # noqa: F401  (registers the built-in parts)
+
+        for reg, part in ((ENCODERS, e), (PROJECTORS, p), (FUSIONS, f), (DECODERS, d)):
+            need(part.kind in reg, f"{reg.part}.kind", f"unknown {reg.part} {part.kind!r}; expected one of {reg.names()}")
+        return self
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VLMConfig":
+        return _from_dict(cls, d, "")
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> "VLMConfig":
+        p = Path(path_or_text)
+        text = p.read_text() if p.suffix == ".json" or p.exists() else str(path_or_text)
+        return cls.from_dict(json.loads(text))
+
+    def override(self, *assignments: str) -> "VLMConfig":
+        """A copy with dotted ``key=value`` assignments applied (see :func:`apply_overrides`)."""
+        return apply_overrides(self, list(assignments))
+
+
+def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _from_dict(t, v, f"{where}{k}.")
+        elif _origin(t) is tuple and isinstance(v, list):
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _origin(t: Any) -> Any:
+    return typing.get_origin(t)
+
+
+def _parse_value(raw: str, t: Any, name: str) -> Any:
+    """Parse a command-line string into the field's annotated type."""
+    args = typing.get_args(t)
+    if _origin(t) in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null"):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(raw, inner[0], name)
+    if t is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true/false, got {raw!r}")
+    if t in (int, float):
+        try:
+            return t(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {t.__name__}, got {raw!r}") from None
+    if t is str:
+        return raw
+    if _origin(t) in (tuple, list, dict):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{name}: expected JSON for a {_origin(t).__name__}, got {raw!r}") from None
+        return tuple(value) if _origin(t) is tuple else value
+    raise ConfigError(f"{name}: cannot parse a value of type {t}")
+
+
+def apply_overrides(cfg: VLMConfig, assignments: list[str]) -> VLMConfig:
+    """Return a copy of ``cfg`` with ``a.b=value`` assignments applied.
+
+    ``projector=mlp`` (a part name without a field) sets that part's ``kind``, which is what
+    ablation grids write. Values are parsed by the field's type; unknown fields are errors.
+    """
+    cfg = copy.deepcopy(cfg)
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. decoder.n_layers=8")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        obj: Any = cfg
+        for i, name in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+                where = ".".join(parts[:i]) or "config"
+                known = sorted(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else []
+                raise ConfigError(f"override {key!r}: {where} has no field {name!r}; expected one of {known}")
+            if i < len(parts) - 1:
+                obj = getattr(obj, name)
+        last = parts[-1]
+        target_type = typing.get_type_hints(type(obj))[last]
+        if dataclasses.is_dataclass(target_type):
+            obj, last, target_type = getattr(obj, last), "kind", str
+        setattr(obj, last, _parse_value(raw.strip(), target_type, key))
+    return cfg
+
+
+# ---- presets ------------------------------------------------------------------------------
+
+
+def _tiny() -> VLMConfig:
+    # Trains on a 2-core CPU in minutes: 64 px images, 8 px patches -> 64 patches, pixel shuffle 2
+    # -> 16 image tokens; ~2.7M parameters.
+    return VLMConfig(
+        name="tiny",
+        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512),
+        projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
+        decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,
+                              max_seq_len=512),
+    )
+
+
+def _small() -> VLMConfig:
+    return VLMConfig(
+        name="small",
+        encoder=EncoderConfig(image_size=128, patch_size=16, width=384, depth=6, n_heads=6, mlp_dim=1536),
+        projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
+        decoder=DecoderConfig(vocab_size=8192, width=512, n_layers=6, n_heads=8, n_kv_heads=4, mlp_dim=1376,
+                              max_seq_len=2048),
+    )
+
+
+def _nanovlm_460m() -> VLMConfig:
+    # nanoVLM's default (huggingface/nanoVLM models/config.py): SigLIP2-B/16-512 encoder,
+    # pixel-shuffle 4 + bias-free linear (12288 -> 960), SmolLM2-360M decoder. 460,113,984 params.
+    return VLMConfig(
+        name="nanovlm-460m",
+        encoder=EncoderConfig(image_size=512, patch_size=16, width=768, depth=12, n_heads=12, mlp_dim=3072,
+                              class_token=False, activation="gelu_tanh", normalization="siglip"),
+        projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=4, depth=1, bias=False),
+        decoder=DecoderConfig(vocab_size=49218, width=960, n_layers=32, n_heads=15, n_kv_heads=5, mlp_dim=2560,
+                              rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+        image_token_id=49152,
+    )
+
+
+def _llava_15_7b() -> VLMConfig:
+    # LLaVA-1.5-7B (Liu et al. 2023): CLIP ViT-L/14-336 second-to-last layer, mlp2x_gelu, Vicuna-7B.
+    return VLMConfig(
+        name="llava-1.5-7b",
+        encoder=EncoderConfig(image_size=336, patch_size=14, width=1024, depth=24, n_heads=16, mlp_dim=4096,
+                              class_token=True, pre_norm=True, patch_bias=False, activation="quick_gelu",
+                              pooling="cls", feature_layer=-2, feature_norm=False, norm_eps=1e-5),
+        projector=ProjectorConfig(kind="mlp", depth=2, hidden_dim=4096),
+        decoder=DecoderConfig(vocab_size=32064, width=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_dim=11008,
+                              norm_eps=1e-5, tie_embeddings=False, max_seq_len=4096),
+        image_token_id=32000,
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], VLMConfig]] = {
+    "tiny": _tiny,
+    "small": _small,
+    "nanovlm-460m": _nanovlm_460m,
+    "llava-1.5-7b": _llava_15_7b,
+}
+
+
+def preset(name: str) -> VLMConfig:
+    """A fresh copy of a named preset."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None

@@ -1,0 +1,171 @@
+"""``charts``: bar charts with category labels under the bars and value labels above them.
+
+A chart has 3-6 bars (at most 5 below 72 pixels, where a sixth bar's value label would touch
+its neighbour's; see :func:`max_bars`); categories are distinct capital letters from ``A`` .. ``H`` shown left to
+right in alphabetical order (single letters stay legible at 64x64); values are integers 1-99.
+Bars are scaled so the tallest fills the plot area; the value label on each bar gives the number.
+
+Question types (answer drawn uniformly first, then a chart built to match it):
+
+============ ============================================== =====================
+type         question                                       answer
+============ ============================================== =====================
+max_value    "What is the highest value in the bar chart?"  "10" .. "99"
+min_value    "What is the lowest value in the bar chart?"   "1" .. "90"
+tallest      "Which bar is the tallest?"                    a category letter
+shortest     "Which bar is the shortest?"                   a category letter
+bar_value    "What is the value of bar C?"                  "1" .. "99"
+============ ============================================== =====================
+
+The tallest (shortest) bar exceeds (undercuts) every other bar by at least
+:data:`MIN_VALUE_GAP` and 10 %, so the extreme is unambiguous by eye, not only by its label.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from minivlm.data.drawing import COLORS, RGB, load_font, light_background
+from minivlm.data.sample import image_item, vqa_sample
+from minivlm.data.synthetic import SyntheticDataset
+
+CATEGORIES = tuple("ABCDEFGH")
+MIN_BARS, MAX_BARS = 3, 6
+#: Narrowest bar slot (pixels) at which two-digit value labels of neighbouring bars stay apart.
+MIN_SLOT_PIXELS = 12
+MIN_VALUE, MAX_VALUE = 1, 99
+MIN_VALUE_GAP = 3
+#: Bar colours: every palette colour except black, which is the colour of the text.
+BAR_COLORS = tuple(name for name in COLORS if name != "black")
+TEXT_COLOR: RGB = (0, 0, 0)
+
+
+@dataclass(frozen=True)
+class BarChart:
+    """What a chart shows: ``labels[i]`` has value ``values[i]``, bars left to right."""
+
+    labels: tuple[str, ...]
+    values: tuple[int, ...]
+    bar_color: str
+    background: RGB
+
+    def value_of(self, label: str) -> int:
+        return self.values[self.labels.index(label)]
+
+
+@dataclass(frozen=True)
+class ChartLayout:
+    """Pixel geometry of a rendered chart (exposed so tests can measure the bars)."""
+
+    font_size: int
+    baseline: int  # y of the bars' bottom edge
+    plot_top: int  # y reached by the tallest bar
+    bar_boxes: tuple[tuple[int, int, int, int], ...]  # (left, top, right, bottom) per bar
+
+
+def max_bars(image_size: int) -> int:
+    """Most bars that fit ``image_size`` with every bar slot at least MIN_SLOT_PIXELS wide."""
+    return max(MIN_BARS, min(MAX_BARS, image_size // MIN_SLOT_PIXELS))
+
+
+def chart_layout(chart: BarChart, image_size: int) -> ChartLayout:
+    """Where every bar goes at ``image_size`` (category labels below, value labels above)."""
+    font_size = max(8, round(image_size * 0.12))
+    margin = max(1, image_size // 48)
+    baseline = image_size - margin - font_size - 1
+    plot_top = margin + font_size + 2
+    slot = (image_size - 2 * margin) / len(chart.labels)
+    bar_width = max(3, round(slot * 0.7))
+    top_value = max(chart.values)
+    boxes = []
+    for position, value in enumerate(chart.values):
+        centre = margin + slot * (position + 0.5)
+        left = round(centre - bar_width / 2)
+        height = max(1, round((baseline - plot_top) * value / top_value))
+        boxes.append((left, baseline - height, left + bar_width - 1, baseline - 1))
+    return ChartLayout(font_size, baseline, plot_top, tuple(boxes))
+
+
+def render_chart(chart: BarChart, image_size: int) -> Image.Image:
+    """Draw ``chart`` at ``image_size`` x ``image_size``.
+
+    Drawn directly at the output size (no supersampling): text rendered small and then
+    averaged down would blur; Pillow's FreeType text is already anti-aliased.
+    """
+    layout = chart_layout(chart, image_size)
+    image = Image.new("RGB", (image_size, image_size), chart.background)
+    draw = ImageDraw.Draw(image)
+    font = load_font(layout.font_size)
+    draw.line((0, layout.baseline, image_size - 1, layout.baseline), fill=TEXT_COLOR)
+    for label, value, (left, top, right, bottom) in zip(chart.labels, chart.values, layout.bar_boxes):
+        draw.rectangle((left, top, right, bottom), fill=COLORS[chart.bar_color])
+        centre = (left + right + 1) / 2
+        draw.text((centre, top - 1), str(value), fill=TEXT_COLOR, font=font, anchor="md")
+        draw.text((centre, layout.baseline + 1), label, fill=TEXT_COLOR, font=font, anchor="mt")
+    return image
+
+
+def _extreme_gap(value: int) -> int:
+    """How far every other bar stays from an extreme ``value``: visible by eye, not only by label."""
+    return max(MIN_VALUE_GAP, round(0.1 * value))
+
+
+class ChartsDataset(SyntheticDataset):
+    """Bar-chart question answering (table in the module docstring).
+
+    Samples carry ``"scene"``: the :class:`BarChart` that was rendered.
+    """
+
+    task = "charts"
+    QUESTION_TYPES = ("max_value", "min_value", "tallest", "shortest", "bar_value")
+
+    def generate(self, rng: random.Random, sample_id: str) -> dict[str, Any]:
+        question_type = rng.choice(self.question_types)
+        n_bars = rng.randint(MIN_BARS, max_bars(self.image_size))
+        labels = sorted(rng.sample(CATEGORIES, n_bars))
+        target = rng.randrange(n_bars)  # which bar the question is about
+        if question_type in ("tallest", "shortest"):
+            # Draw the answer label uniformly from all categories, not from the drawn subset,
+            # whose alphabetical order favours early letters.
+            wanted = rng.choice(CATEGORIES)
+            labels = sorted([wanted, *rng.sample([c for c in CATEGORIES if c != wanted], n_bars - 1)])
+            target = labels.index(wanted)
+        values = self._values(rng, question_type, n_bars, target)
+        chart = BarChart(tuple(labels), tuple(values), rng.choice(BAR_COLORS), light_background(rng))
+        question, answer = {
+            "max_value": ("What is the highest value in the bar chart?", str(max(values))),
+            "min_value": ("What is the lowest value in the bar chart?", str(min(values))),
+            "tallest": ("Which bar is the tallest?", labels[target]),
+            "shortest": ("Which bar is the shortest?", labels[target]),
+            "bar_value": (f"What is the value of bar {labels[target]}?", str(values[target])),
+        }[question_type]
+        return vqa_sample(
+            visuals=[image_item(render_chart(chart, self.image_size))],
+            question=question,
+            answer=answer,
+            task=self.task,
+            sample_id=sample_id,
+            question_type=question_type,
+            scene=chart,
+        )
+
+    @staticmethod
+    def _values(rng: random.Random, question_type: str, n_bars: int, target: int) -> list[int]:
+        """Bar values with the answer drawn first: bar ``target`` is the asked extreme/value."""
+        if question_type in ("max_value", "tallest"):
+            top = rng.randint(10, MAX_VALUE)
+            others_max = top - _extreme_gap(top)
+            values = [rng.randint(MIN_VALUE, others_max) for _ in range(n_bars)]
+            values[target] = top
+        elif question_type in ("min_value", "shortest"):
+            bottom = rng.randint(MIN_VALUE, 90)
+            others_min = bottom + _extreme_gap(bottom)
+            values = [rng.randint(others_min, MAX_VALUE) for _ in range(n_bars)]
+            values[target] = bottom
+        else:
+            values = [rng.randint(MIN_VALUE, MAX_VALUE) for _ in range(n_bars)]
+        return values

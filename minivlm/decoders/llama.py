@@ -1,0 +1,116 @@
+"""Llama-style causal text decoder (Touvron et al. 2023; Hugging Face ``LlamaModel`` layout).
+
+Pre-norm blocks of grouped-query attention (Ainslie et al. 2023) with rotary positions and a
+SwiGLU MLP, RMSNorm, tied or untied LM head. The decoder consumes *embeddings* so that fusion
+can splice image tokens in; ``embed`` and ``logits`` are separate so the loss can avoid
+materialising ``[tokens, vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from minivlm.config import DecoderConfig, VLMConfig
+from minivlm.layers.attention import AttentionMask, attention
+from minivlm.layers.kv_cache import StaticKVCache
+from minivlm.layers.mlp import SwiGLU
+from minivlm.layers.norms import RMSNorm
+from minivlm.layers.rope import RotaryEmbedding, apply_rope
+from minivlm.registry import DECODERS
+
+#: Called before decoder layer ``i`` as ``hidden = hook(i, hidden)``; how cross-attention fuses.
+LayerHook = Callable[[int, Tensor], Tensor]
+
+
+class DecoderAttention(nn.Module):
+    """Grouped-query self-attention with RoPE. ``[B, T, D] -> [B, T, D]``."""
+
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        self.q = nn.Linear(cfg.width, self.n_heads * self.head_dim, bias=False)
+        self.k = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(self.n_heads * self.head_dim, cfg.width, bias=False)
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
+                cache: StaticKVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attention(q, k, v, mask, backend=self.backend)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = DecoderAttention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.width, cfg.mlp_dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
+                cache: StaticKVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@DECODERS.register("llama")
+class LlamaDecoder(nn.Module):
+    """``forward(embeds [B, T, D], mask, position_ids [B, T]) -> hidden [B, T, D]`` (final-normed)."""
+
+    def __init__(self, config: VLMConfig | DecoderConfig):
+        super().__init__()
+        cfg = config.decoder if isinstance(config, VLMConfig) else config
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        # std 1/sqrt(D): with a tied head and an RMS-normed final state, initial logits have unit
+        # scale; nn.Embedding's default N(0, 1) would start the loss far above log(vocab).
+        nn.init.normal_(self.embed.weight, std=cfg.width**-0.5)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+        self.gradient_checkpointing = False
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        for layer in self.layers:
+            layer.attn.backend = backend
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> StaticKVCache:
+        w = self.embed.weight
+        return StaticKVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.resolved_head_dim,
+                             dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(self, embeds: Tensor, mask: AttentionMask, position_ids: Tensor,
+                cache: StaticKVCache | None = None, layer_hook: LayerHook | None = None) -> Tensor:
+        rope = self.rope(position_ids)
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            if layer_hook is not None:
+                h = layer_hook(i, h)
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, mask, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache)
+        if cache is not None:
+            cache.advance(embeds.shape[1])
+        return self.norm(h)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``[B, T, D] -> [B, T, V]``."""
+        return self.lm_head(hidden)

@@ -1,0 +1,196 @@
+"""Vision Transformer image encoder covering the ViT, CLIP and SigLIP layouts.
+
+References: ViT (Dosovitskiy et al. 2021; timm ``VisionTransformer``), CLIP (Radford et al. 2021;
+open_clip ``VisionTransformer``: bias-free patch conv, ``ln_pre``, QuickGELU, ``ln_post`` +
+projection), SigLIP (Zhai et al. 2023; timm ``AttentionPoolLatent`` "MAP" head, tanh GELU).
+One module, switched by :class:`~minivlm.config.EncoderConfig` flags, so an ablation that swaps
+encoders changes data, not code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minivlm.config import EncoderConfig, VLMConfig
+from minivlm.layers.attention import AttentionMask, attention
+from minivlm.layers.mlp import MLP
+from minivlm.registry import ENCODERS
+
+_BIDIRECTIONAL = AttentionMask.bidirectional()
+
+
+class EncoderAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (timm / open_clip layout).
+
+    ``[N, L, D] -> [N, L, D]``; bidirectional (every patch sees every patch).
+    """
+
+    def __init__(self, dim: int, n_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend: str | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, L, D = x.shape
+        q, k, v = self.qkv(x).view(N, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(N, L, D))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = EncoderAttention(cfg.width, cfg.n_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.width, cfg.mlp_dim, act=cfg.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class AttentionPoolHead(nn.Module):
+    """Multihead attention pooling (MAP; Lee et al. 2019 "Set Transformer", SigLIP's head).
+
+    A learned latent query attends to all tokens, then a residual MLP; layout of timm's
+    ``AttentionPoolLatent``. ``[N, L, D] -> [N, D]``.
+    """
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        D = cfg.width
+        self.n_heads = cfg.n_heads
+        self.latent = nn.Parameter(torch.randn(1, 1, D) * D**-0.5)
+        self.q = nn.Linear(D, D, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(D, 2 * D, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.mlp = MLP(D, cfg.mlp_dim, act=cfg.activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, L, D = x.shape
+        h, dh = self.n_heads, D // self.n_heads
+        q = self.q(self.latent.expand(N, -1, -1)).view(N, 1, h, dh).transpose(1, 2)
+        k, v = self.kv(x).view(N, L, 2, h, dh).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, _BIDIRECTIONAL).transpose(1, 2).reshape(N, 1, D)
+        out = self.proj(out)
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
+
+
+def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], n_prefix: int, old_grid: tuple[int, int] | None = None) -> Tensor:
+    """Bicubically resample learned position embeddings to another patch grid.
+
+    ``pos [1, n_prefix + h*w, D] -> [1, n_prefix + H*W, D]``; prefix (class token) slots are kept
+    as they are. Matches timm's ``resample_abs_pos_embed`` (bicubic, antialiased).
+    """
+    prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
+    if old_grid is None:
+        side = math.isqrt(grid.shape[1])
+        if side * side != grid.shape[1]:
+            raise ValueError(f"cannot infer a square grid from {grid.shape[1]} position embeddings; pass old_grid")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    D = grid.shape[-1]
+    g = grid.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2).float()
+    g = F.interpolate(g, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    g = g.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D).to(pos.dtype)
+    return torch.cat([prefix, g], dim=1)
+
+
+@ENCODERS.register("vit")
+class VisionTransformer(nn.Module):
+    """ViT / CLIP / SigLIP image encoder.
+
+    ``forward(pixels [N, C, H, W]) -> features [N, P, D]``: patch tokens (class token removed)
+    from block ``feature_layer``, followed by the final norm when ``feature_norm``; blocks after
+    ``feature_layer`` are skipped. ``pooled(pixels) -> [N, E]``: the image embedding for
+    retrieval (class token, mean or MAP pooling of the final normed tokens, then ``proj``).
+    """
+
+    def __init__(self, config: VLMConfig | EncoderConfig):
+        super().__init__()
+        cfg = config.encoder if isinstance(config, VLMConfig) else config
+        self.cfg = cfg
+        D = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        self.n_prefix = 1 if cfg.class_token else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, self.n_prefix + cfg.n_patches, D) * 0.02)
+        self.ln_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.pool_head = AttentionPoolHead(cfg) if cfg.pooling == "map" else None
+        self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else None
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.width
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim or self.cfg.width
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        for blk in self.blocks:
+            blk.attn.backend = backend
+
+    def _check_pixels(self, pixels: Tensor) -> None:
+        c, p = self.cfg, self.cfg.patch_size
+        if pixels.ndim != 4 or pixels.shape[1] != c.in_channels:
+            raise ValueError(f"pixel values must be [N, {c.in_channels}, H, W]; got {tuple(pixels.shape)}")
+        if pixels.shape[2] % p or pixels.shape[3] % p:
+            raise ValueError(f"image height and width must be multiples of the patch size {p}; got {tuple(pixels.shape[2:])}")
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        """Patchify, add class token and position embeddings: ``[N, C, H, W] -> [N, n_prefix + P, D]``."""
+        self._check_pixels(pixels)
+        x = self.patch_embed(pixels)  # [N, D, h, w]
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        pos = self.pos_embed
+        if grid != (self.cfg.grid_size, self.cfg.grid_size):
+            # Another resolution than trained: resample (timm's dynamic_img_size).
+            pos = resize_pos_embed(pos, grid, self.n_prefix, (self.cfg.grid_size, self.cfg.grid_size))
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = x + pos.to(x.dtype)
+        return self.ln_pre(x) if self.ln_pre is not None else x
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = self.embed(pixels)
+        last = self.cfg.resolved_feature_layer
+        for blk in self.blocks[: last + 1]:
+            x = blk(x)
+        if self.cfg.feature_norm and self.norm is not None:
+            x = self.norm(x)
+        return x[:, self.n_prefix:]
+
+    def forward_tokens(self, pixels: Tensor) -> Tensor:
+        """All blocks, final norm: ``[N, n_prefix + P, D]`` (timm ``forward_features``)."""
+        x = self.embed(pixels)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x) if self.norm is not None else x
+
+    def pooled(self, pixels: Tensor) -> Tensor:
+        """Image embedding ``[N, E]`` for retrieval and classification heads."""
+        x = self.forward_tokens(pixels)
+        pooling = self.cfg.pooling
+        if pooling == "cls":
+            out = x[:, 0]
+        elif pooling == "map":
+            out = self.pool_head(x[:, self.n_prefix:] if self.n_prefix else x)
+        else:  # "mean" and "none" both average the patch tokens for an embedding
+            out = x[:, self.n_prefix:].mean(dim=1)
+        return self.proj(out) if self.proj is not None else out

@@ -1,0 +1,263 @@
+"""``VisionLanguageModel``: image encoder -> embedding projector -> fusion -> text decoder.
+
+The LLaVA-style composition (Liu et al. 2023): each part is chosen by exact registry key from
+:class:`~minivlm.config.VLMConfig`, so swapping one is a config change.
+
+    pixels [N, C, H, W] --encoder--> [N, P, D_img] --projector--> [N, P', D_txt]
+    input_ids [B, T] --embed--> [B, T, D_txt] --fusion(images)--> decoder --> logits [B, T, V]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Importing the part packages registers their built-in variants.
+import minivlm.decoders  # noqa: F401
+import minivlm.encoders  # noqa: F401
+import minivlm.fusion  # noqa: F401
+import minivlm.projectors  # noqa: F401
+from minivlm.config import VLMConfig, preset
+from minivlm.layers.attention import AttentionMask
+from minivlm.layers.kv_cache import StaticKVCache
+from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PARTS = ("encoder", "projector", "fusion", "decoder")
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+@dataclass
+class VLMOutput:
+    """loss: mean cross-entropy over supervised tokens (None without labels).
+    loss_sum / n_supervised: the same as a sum and a count, for global normalisation across
+    micro-batches and ranks. logits: ``[B, T, V]`` (None when ``return_logits=False``).
+    hidden: ``[B, T, D]`` final decoder states."""
+
+    loss: Tensor | None
+    logits: Tensor | None
+    hidden: Tensor
+    loss_sum: Tensor | None = None
+    n_supervised: Tensor | None = None
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not match the model built from its config."""
+
+
+class VisionLanguageModel(nn.Module):
+    """The four parts composed behind one ``forward``.
+
+    Example::
+
+        model = VisionLanguageModel(preset("tiny"))
+        out = model(input_ids, pixel_values=pixels, labels=labels)
+        out.loss.backward()
+    """
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = ENCODERS.get(config.encoder.kind)(config)
+        self.projector = PROJECTORS.get(config.projector.kind)(config)
+        self.fusion = FUSIONS.get(config.fusion.kind)(config)
+        self.decoder = DECODERS.get(config.decoder.kind)(config)
+        self.processor: Any = None  # a minivlm.text.Processor travels with the model when attached
+        self.set_attention_backend(config.attention_backend)
+
+    # ---- construction helpers -------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, *overrides: str) -> "VisionLanguageModel":
+        return cls(preset(name).override(*overrides))
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        """Route every attention call of the encoder and decoder to one backend (None/"auto": dispatch)."""
+        backend = None if backend in (None, "auto") else backend
+        self.encoder.set_attention_backend(backend)
+        self.decoder.set_attention_backend(backend)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed.weight.device
+
+    def part(self, name: str) -> nn.Module:
+        if name not in PARTS:
+            raise ValueError(f"unknown part {name!r}; expected one of {PARTS}")
+        return getattr(self, name)
+
+    def freeze(self, *parts: str) -> "VisionLanguageModel":
+        """Stop gradients to the named parts (all four when none are named)."""
+        for name in parts or PARTS:
+            self.part(name).requires_grad_(False)
+        return self
+
+    def unfreeze(self, *parts: str) -> "VisionLanguageModel":
+        for name in parts or PARTS:
+            self.part(name).requires_grad_(True)
+        return self
+
+    def num_parameters(self, part: str | None = None, trainable_only: bool = False) -> int:
+        module = self if part is None else self.part(part)
+        seen, total = set(), 0
+        for p in module.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    # ---- forward ----------------------------------------------------------------------------
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """``[N, C, H, W] -> [N, P', D_txt]`` image tokens in the decoder's width."""
+        e = self.config.encoder
+        expected = (e.in_channels, e.image_size, e.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must have shape [N, {', '.join(map(str, expected))}]; "
+                             f"got {list(pixel_values.shape)}")
+        return self.projector(self.encoder(pixel_values.to(self.encoder.patch_embed.weight.dtype)))
+
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor [B, T]; got {input_ids.dtype} {list(input_ids.shape)}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.decoder.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.config.decoder.vocab_size}); got values in [{lo}, {hi}]")
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        cache: StaticKVCache | None = None,
+        return_logits: bool = True,
+    ) -> VLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, T]`` token ids with image placeholders (``config.image_token_id``).
+            pixel_values: ``[N, C, H, W]``, the images of the whole batch in placeholder order.
+            labels: ``[B, T]`` targets aligned with input_ids (shifted inside), -100 = ignored.
+            attention_mask: ``[B, S]`` 1 for real tokens, 0 for padding; S covers the KV cache.
+            position_ids: ``[B, T]``; default: counts real tokens (so left padding starts at 0).
+            document_ids: ``[B, T]`` packed-document ids (block-diagonal attention).
+            cache: a :class:`StaticKVCache` for incremental decoding.
+            return_logits: False skips the full ``[B, T, V]`` logits (the loss then projects only
+                supervised positions).
+        """
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        offset = cache.pos if cache is not None else 0
+        image_embeds = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_embeds = self.encode_images(pixel_values)
+
+        key_valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, offset + T):
+                raise ValueError(f"attention_mask must be [B, cached + new tokens] = [{B}, {offset + T}]; "
+                                 f"got {list(attention_mask.shape)}")
+            key_valid = attention_mask.bool()
+            if bool(key_valid.all()):
+                key_valid = None  # no padding: keep the flag-only (flash) path available
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, offset:]
+            else:
+                position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+        mask = AttentionMask(causal=True, q_offset=offset, key_valid=key_valid, document_ids=document_ids)
+
+        text_embeds = self.decoder.embed(input_ids)
+        fused = self.fusion(text_embeds, image_embeds, input_ids, mask, cache)
+        hidden = self.decoder(fused.embeds, fused.mask, position_ids, cache, fused.layer_hook)
+
+        logits = self.decoder.logits(hidden) if return_logits else None
+        loss = loss_sum = n_sup = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must match input_ids {list(input_ids.shape)}; got {list(labels.shape)}")
+            loss_sum, n_sup = self.loss_sum(hidden, labels, logits)
+            loss = loss_sum / n_sup.clamp_min(1)
+        return VLMOutput(loss=loss, logits=logits, hidden=hidden, loss_sum=loss_sum, n_supervised=n_sup)
+
+    def loss_sum(self, hidden: Tensor, labels: Tensor, logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Summed next-token cross-entropy and the number of supervised tokens.
+
+        Position ``t`` predicts ``labels[t + 1]``. Only supervised positions are projected to the
+        vocabulary when no logits are given: in VLM instruction data most tokens are prompt or
+        image, so this skips most of the LM-head work.
+        """
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        n_sup = keep.sum()
+        if logits is not None:
+            sel_logits = logits[:, :-1][keep]
+        else:
+            sel_logits = self.decoder.logits(hidden[:, :-1][keep])
+        loss_sum = F.cross_entropy(sel_logits.float(), targets[keep], reduction="sum")
+        return loss_sum, n_sup
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _tied_keys(self) -> set[str]:
+        return {"decoder.lm_head.weight"} if self.config.decoder.tie_embeddings else set()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ the processor's files when attached)."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(out / CONFIG_NAME)
+        tied = self._tied_keys()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in tied}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
+        if self.processor is not None:
+            self.processor.save_pretrained(out)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        load_processor: bool = True) -> "VisionLanguageModel":
+        from minivlm.interop.safetensors_io import load_safetensors
+
+        d = Path(directory)
+        if not (d / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{d} is not a minivlm checkpoint: {CONFIG_NAME} is missing")
+        config = VLMConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        model = cls(config)
+        state = load_safetensors(d / WEIGHTS_NAME, device=str(map_location))
+        model.load_checkpoint_state(state)
+        if load_processor and (d / "processor_config.json").is_file():
+            from minivlm.text.processor import Processor
+
+            model.processor = Processor.from_pretrained(d)
+        return model.to(map_location)
+
+    def load_checkpoint_state(self, state: dict[str, Tensor]) -> None:
+        """Load weights, failing with every missing, unexpected and shape-mismatched key listed."""
+        own = self.state_dict()
+        tied = self._tied_keys()
+        missing = sorted(k for k in own if k not in state and k not in tied)
+        unexpected = sorted(k for k in state if k not in own)
+        mismatched = sorted(f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
+                            for k in state if k in own and state[k].shape != own[k].shape)
+        if missing or unexpected or mismatched:
+            lines = []
+            for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+                if keys:
+                    lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+            raise CheckpointMismatchError("checkpoint does not match the model built from its config:\n" + "\n".join(lines))
+        self.load_state_dict(state, strict=False)

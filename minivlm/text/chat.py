@@ -1,0 +1,436 @@
+"""Conversations: input formats, the chat template, and which tokens are supervised.
+
+**Inputs.** Two dataset formats are normalised to one representation (:class:`Message` holding
+:class:`TextPart`, :class:`ImagePart` and :class:`VideoPart`):
+
+* the Hugging Face chat structure (:func:`normalize_messages`)::
+
+      [{"role": "system" | "user" | "assistant",
+        "content": "text" | [{"type": "text", "text": "..."},
+                             {"type": "image", "image": path | PIL | array | bytes},
+                             {"type": "video", "video": path | [frames], "fps": 2.0}]}]
+
+  Images may also be given under ``"url"`` or ``"path"`` (local files only, as HF allows).
+  ``"<image>"`` written inside a text item is ordinary text, never a placeholder.
+* LLaVA conversation JSON (:func:`from_llava`): ``[{"from": "human" | "gpt" | "system",
+  "value": "<image>\\nWhat is ..."}]`` with the images passed separately, consumed in order by
+  the ``<image>`` (and ``<video>``) placeholders. The text around a placeholder is kept
+  verbatim, so ``"<image>\\nWhat"`` equals the HF content ``[image, {"text": "\\nWhat"}]``.
+
+**Template** (ChatML, as in Qwen and SmolLM; content parts are concatenated with no separator)::
+
+    <|im_start|>system\\n{system text}<|im_end|>\\n
+    <|im_start|>user\\n{text and image tokens}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>\\n
+    ... and with add_generation_prompt=True: <|im_start|>assistant\\n
+
+No default system prompt is inserted. An image is ``<image>`` repeated ``image_seq_len`` times;
+a split image (SmolVLM/Idefics3 style) is, for each tile row, ``<row_r_col_c>`` + tokens per
+tile then ``"\\n"``, followed by ``<global-img>`` + the global view's tokens
+(:func:`image_segments`). A video is, per frame, ``"{mm:ss} "`` + the frame's image tokens
+(:func:`video_frame_segments`).
+
+**Labels.** Only the assistant's answer and its closing ``<|im_end|>`` are supervised: the model
+learns to answer and to stop. The ``"\\n"`` after ``<|im_end|>`` is not supervised, since
+generation stops at ``<|im_end|>`` and never emits it. The template is a list of
+:class:`TextSegment` / :class:`SpecialSegment` carrying their own ``supervised`` flag; ids are
+built segment by segment (:func:`encode_segments`), so the labels are exact by construction
+instead of being recovered by re-tokenising the full string and searching for spans (the source
+of LLaVA's "tokenization mismatch" warnings).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from minivlm.text.tokenizer import (
+    GLOBAL_IMAGE_TOKEN,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    Tokenizer,
+    tile_token,
+)
+from minivlm.vision import format_timestamp
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+LLAVA_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "system"}
+MEDIA_KEYS: tuple[str, ...] = ("url", "path")
+
+
+# ---- errors -----------------------------------------------------------------------------------
+class ChatFormatError(ValueError):
+    """A conversation does not follow the expected structure."""
+
+
+class UnknownRoleError(ChatFormatError):
+    """A message role other than system/user/assistant (or human/gpt/system for LLaVA)."""
+
+
+class EmptyContentError(ChatFormatError):
+    """A message with no text and no media."""
+
+
+class UnknownContentTypeError(ChatFormatError):
+    """A content item whose ``type`` is not text/image/video."""
+
+
+class MissingMediaError(ChatFormatError):
+    """An image or video item that names no image/video, or LLaVA placeholders without media."""
+
+
+class MediaNotAllowedError(ChatFormatError):
+    """An image or video in a system or assistant message: the model reads images, it does not
+    write them, and a supervised turn cannot contain unsupervised image placeholders."""
+
+
+class MissingAssistantTurnError(ChatFormatError):
+    """A training sample without an assistant answer would contribute no loss."""
+
+
+# ---- normalised representation --------------------------------------------------------------
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image source, anything :func:`minivlm.vision.load_image` accepts (loaded lazily)."""
+
+    image: Any
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    """A video source for :func:`minivlm.vision.load_video`; ``fps`` times untimed frame lists."""
+
+    video: Any
+    fps: float | None = None
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    parts: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        """The message's text parts joined (media left out)."""
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+    @property
+    def media(self) -> tuple[ImagePart | VideoPart, ...]:
+        return tuple(p for p in self.parts if not isinstance(p, TextPart))
+
+
+# ---- input formats ----------------------------------------------------------------------------
+def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[Message]:
+    """Hugging Face chat messages (or already normalised :class:`Message` objects) -> messages.
+
+    Raises :class:`ChatFormatError` subclasses for malformed input; see
+    :func:`validate_conversation` for the rules about roles and media.
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ChatFormatError(f"a conversation must be a list of messages; got {type(messages).__name__}")
+    normalized = [m if isinstance(m, Message) else _normalize_hf_message(m, i) for i, m in enumerate(messages)]
+    validate_conversation(normalized)
+    return normalized
+
+
+def _normalize_hf_message(message: Any, index: int) -> Message:
+    where = f"message #{index}"
+    if not isinstance(message, Mapping):
+        raise ChatFormatError(f"{where} must be a dict with 'role' and 'content'; got {type(message).__name__}")
+    if "role" not in message or "content" not in message:
+        raise ChatFormatError(f"{where} must have 'role' and 'content' keys; got keys {sorted(message)}")
+    role = message["role"]
+    if role not in ROLES:
+        raise UnknownRoleError(f"{where} has role {role!r}; expected one of {ROLES}")
+    content = message["content"]
+    if isinstance(content, str):
+        parts = [TextPart(content)] if content else []
+    elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        parts = [_normalize_hf_item(item, f"{where} item #{j}") for j, item in enumerate(content)]
+    else:
+        raise ChatFormatError(f"{where} content must be a str or a list of items; got {type(content).__name__}")
+    # Empty text items add nothing; a message made only of them is empty.
+    parts = [p for p in parts if not (isinstance(p, TextPart) and not p.text)]
+    if not parts:
+        raise EmptyContentError(f"{where} ({role}) has empty content")
+    return Message(role=role, parts=tuple(parts))
+
+
+def _normalize_hf_item(item: Any, where: str) -> Part:
+    if isinstance(item, str):
+        return TextPart(item)
+    if not isinstance(item, Mapping):
+        raise ChatFormatError(f"{where} must be a dict with a 'type'; got {type(item).__name__}")
+    item_type = item.get("type")
+    if item_type == "text":
+        text = item.get("text")
+        if not isinstance(text, str):
+            raise ChatFormatError(f"{where} is a text item whose 'text' is {type(text).__name__}, expected str")
+        return TextPart(text)
+    if item_type in ("image", "video"):
+        source = next((item[k] for k in (item_type, *MEDIA_KEYS) if item.get(k) is not None), None)
+        if source is None:
+            raise MissingMediaError(
+                f"{where} is a {item_type} item with no {item_type}; give it under one of the keys "
+                f"{(item_type, *MEDIA_KEYS)}; got keys {sorted(item)}"
+            )
+        if item_type == "image":
+            return ImagePart(source)
+        return VideoPart(source, fps=_check_fps(item.get("fps"), where))
+    raise UnknownContentTypeError(f"{where} has type {item_type!r}; expected 'text', 'image' or 'video'")
+
+
+def _check_fps(fps: Any, where: str) -> float | None:
+    if fps is None:
+        return None
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise ChatFormatError(f"{where} has fps={fps!r}; expected a positive number")
+    return float(fps)
+
+
+def from_llava(
+    conversation: Sequence[Mapping[str, Any]],
+    images: Sequence[Any] = (),
+    videos: Sequence[Any] = (),
+) -> list[Message]:
+    """LLaVA conversation JSON -> messages.
+
+    Each ``<image>`` (``<video>``) in a ``value`` takes the next item of ``images``
+    (``videos``), in order of appearance over the whole conversation; every given image must be
+    used exactly once. A single path may be passed as ``images`` like LLaVA's ``"image"`` field.
+    """
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if isinstance(videos, (str, os.PathLike)):
+        videos = [videos]
+    if isinstance(conversation, (str, bytes, Mapping)) or not isinstance(conversation, Sequence):
+        raise ChatFormatError(f"a LLaVA conversation must be a list of turns; got {type(conversation).__name__}")
+    queues = {IMAGE_TOKEN: list(images), VIDEO_TOKEN: list(videos)}
+    used = {IMAGE_TOKEN: 0, VIDEO_TOKEN: 0}
+    messages = []
+    for index, turn in enumerate(conversation):
+        where = f"LLaVA turn #{index}"
+        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+            raise ChatFormatError(f"{where} must be a dict with 'from' and 'value' keys; got {turn!r:.80}")
+        speaker, value = turn["from"], turn["value"]
+        if speaker not in LLAVA_ROLES:
+            raise UnknownRoleError(f"{where} has 'from': {speaker!r}; expected one of {tuple(LLAVA_ROLES)}")
+        if not isinstance(value, str):
+            raise ChatFormatError(f"{where} has a {type(value).__name__} 'value', expected str")
+        parts: list[Part] = []
+        for chunk in _split_placeholders(value):
+            if chunk in queues:
+                if used[chunk] == len(queues[chunk]):
+                    kind = "images" if chunk == IMAGE_TOKEN else "videos"
+                    raise MissingMediaError(
+                        f"{where} has {chunk} placeholder number {used[chunk] + 1} but only "
+                        f"{len(queues[chunk])} {kind} were given"
+                    )
+                source = queues[chunk][used[chunk]]
+                used[chunk] += 1
+                parts.append(ImagePart(source) if chunk == IMAGE_TOKEN else VideoPart(source))
+            elif chunk:
+                parts.append(TextPart(chunk))
+        role = LLAVA_ROLES[speaker]
+        if not parts:
+            raise EmptyContentError(f"{where} ({speaker}) has empty content")
+        messages.append(Message(role=role, parts=tuple(parts)))
+    for token, queue in queues.items():
+        if used[token] != len(queue):
+            kind = "images" if token == IMAGE_TOKEN else "videos"
+            raise ChatFormatError(
+                f"{len(queue)} {kind} were given but the conversation has only {used[token]} "
+                f"{token} placeholders"
+            )
+    validate_conversation(messages)
+    return messages
+
+
+def _split_placeholders(value: str) -> list[str]:
+    """``"a<image>b<video>"`` -> ``["a", "<image>", "b", "<video>", ""]``."""
+    chunks: list[str] = []
+    rest = value
+    while True:
+        positions = [(rest.find(t), t) for t in (IMAGE_TOKEN, VIDEO_TOKEN) if t in rest]
+        if not positions:
+            chunks.append(rest)
+            return chunks
+        pos, token = min(positions)
+        chunks.extend([rest[:pos], token])
+        rest = rest[pos + len(token) :]
+
+
+def validate_conversation(messages: Sequence[Message], *, for_training: bool = False) -> None:
+    """Check the rules every renderable conversation follows.
+
+    * at least one message; a system message only comes first;
+    * images and videos only in user messages (:class:`MediaNotAllowedError`);
+    * with ``for_training``, at least one assistant message (:class:`MissingAssistantTurnError`).
+    """
+    if not messages:
+        raise EmptyContentError("the conversation has no messages")
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise UnknownRoleError(f"message #{index} has role {message.role!r}; expected one of {ROLES}")
+        if not message.parts:
+            raise EmptyContentError(f"message #{index} ({message.role}) has empty content")
+        if message.role == "system" and index > 0:
+            raise ChatFormatError(f"message #{index} is a system message; a system message may only come first")
+        if message.media and message.role != "user":
+            kinds = sorted({type(p).__name__ for p in message.media})
+            raise MediaNotAllowedError(
+                f"message #{index} ({message.role}) contains {kinds}; images and videos may only "
+                f"appear in user messages"
+            )
+    if for_training and not any(m.role == "assistant" for m in messages):
+        raise MissingAssistantTurnError(
+            "a training sample needs at least one assistant message (its answer is what is "
+            f"supervised); got roles {[m.role for m in messages]}"
+        )
+
+
+# ---- template -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextSegment:
+    """Text encoded as ordinary tokens (never turned into special ids)."""
+
+    text: str
+    supervised: bool = False
+
+
+@dataclass(frozen=True)
+class SpecialSegment:
+    """A special token, inserted by id, ``repeat`` times."""
+
+    token: str
+    supervised: bool = False
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class MediaSegment:
+    """Where an image or video goes; expanded by the processor once the media is loaded."""
+
+    part: ImagePart | VideoPart
+
+
+Segment = Union[TextSegment, SpecialSegment, MediaSegment]
+
+
+def chat_segments(messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[Segment]:
+    """The template of the module docstring as segments, media left as :class:`MediaSegment`.
+
+    Adjacent text with the same supervision is merged into one segment, so that, for example,
+    ``"user\\n"`` and the question are tokenised together as they read.
+    """
+    segments: list[Segment] = []
+    for message in messages:
+        supervised = message.role == "assistant"
+        segments += [SpecialSegment(IM_START_TOKEN), TextSegment(f"{message.role}\n")]
+        for part in message.parts:
+            segments.append(TextSegment(part.text, supervised) if isinstance(part, TextPart) else MediaSegment(part))
+        segments += [SpecialSegment(IM_END_TOKEN, supervised), TextSegment("\n")]
+    if add_generation_prompt:
+        segments += [SpecialSegment(IM_START_TOKEN), TextSegment("assistant\n")]
+    return merge_text_segments(segments)
+
+
+def merge_text_segments(segments: Sequence[Segment]) -> list[Segment]:
+    """Join consecutive :class:`TextSegment` with equal ``supervised`` flags."""
+    merged: list[Segment] = []
+    for segment in segments:
+        previous = merged[-1] if merged else None
+        if (
+            isinstance(segment, TextSegment)
+            and isinstance(previous, TextSegment)
+            and previous.supervised == segment.supervised
+        ):
+            merged[-1] = TextSegment(previous.text + segment.text, segment.supervised)
+        else:
+            merged.append(segment)
+    return merged
+
+
+def image_segments(image_seq_len: int, rows: int = 0, cols: int = 0) -> list[Segment]:
+    """Placeholder segments of one image: ``image_seq_len`` tokens per view.
+
+    Unsplit (``rows == cols == 0``): ``<image> * image_seq_len``. Split into a ``rows x cols``
+    grid (views: tiles row-major, then the global view, as :class:`minivlm.vision.ImageProcessor`
+    returns them)::
+
+        <row_1_col_1><image>*N<row_1_col_2><image>*N\\n
+        <row_2_col_1><image>*N<row_2_col_2><image>*N\\n
+        <global-img><image>*N
+
+    This is Idefics3/SmolVLM's ``_prompt_split_image`` without its ``<fake_token_around_image>``
+    wrappers and the blank line before the global view.
+    """
+    if image_seq_len < 1:
+        raise ValueError(f"image_seq_len must be >= 1; got {image_seq_len}")
+    if (rows == 0) != (cols == 0) or rows < 0 or cols < 0:
+        raise ValueError(f"a tile grid needs rows and cols both 0 (unsplit) or both >= 1; got {rows}x{cols}")
+    image = SpecialSegment(IMAGE_TOKEN, repeat=image_seq_len)
+    if rows == 0:
+        return [image]
+    segments: list[Segment] = []
+    for row in range(1, rows + 1):
+        for col in range(1, cols + 1):
+            segments += [SpecialSegment(tile_token(row, col)), image]
+        segments.append(TextSegment("\n"))
+    segments += [SpecialSegment(GLOBAL_IMAGE_TOKEN), image]
+    return segments
+
+
+def video_frame_segments(timestamp: float, image_seq_len: int) -> list[Segment]:
+    """One video frame: its time as ``"mm:ss "`` text, then its image tokens (SmolVLM2 style)."""
+    return [TextSegment(f"{format_timestamp(timestamp)} ")] + image_segments(image_seq_len)
+
+
+def segments_to_text(segments: Sequence[Segment]) -> str:
+    """The rendered template string; ``tokenizer.decode`` of the segments' ids reproduces it."""
+    out = []
+    for segment in segments:
+        if isinstance(segment, TextSegment):
+            out.append(segment.text)
+        elif isinstance(segment, SpecialSegment):
+            out.append(segment.token * segment.repeat)
+        else:
+            raise ValueError("segments_to_text needs media expanded first; got a MediaSegment")
+    return "".join(out)
+
+
+def encode_segments(segments: Sequence[Segment], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of text and special segments.
+
+    Labels equal the ids on supervised segments and :data:`IGNORE_INDEX` elsewhere (aligned with
+    the ids; the shift by one happens in the loss).
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for segment in segments:
+        if isinstance(segment, TextSegment):
+            ids = tokenizer.encode(segment.text)
+        elif isinstance(segment, SpecialSegment):
+            ids = [tokenizer.token_to_id(segment.token)] * segment.repeat
+        else:
+            raise ValueError("encode_segments needs media expanded first; got a MediaSegment")
+        input_ids += ids
+        labels += ids if segment.supervised else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
