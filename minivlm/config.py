@@ -258,8 +258,9 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "VLMConfig":
-        p = Path(path_or_text)
-        text = p.read_text() if p.suffix == ".json" or p.exists() else str(path_or_text)
+        """From a JSON file path, or from JSON text (anything starting with ``{``)."""
+        is_text = isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{")
+        text = path_or_text if is_text else Path(path_or_text).read_text()
         return cls.from_dict(json.loads(text))
 
     def override(self, *assignments: str) -> "VLMConfig":

@@ -1,0 +1,72 @@
+"""ViT/CLIP/SigLIP encoder: feature layer selection, pooling heads, resolution change, bad input."""
+import pytest
+import torch
+
+from minivlm.config import EncoderConfig
+from minivlm.encoders.vit import VisionTransformer, resize_pos_embed
+
+
+def small(**kw):
+    base = dict(image_size=32, patch_size=8, width=32, depth=3, n_heads=4, mlp_dim=64)
+    base.update(kw)
+    return VisionTransformer(EncoderConfig(**base)).eval()
+
+
+def test_features_are_patch_tokens_from_the_chosen_block():
+    enc = small(class_token=True, pre_norm=True, pooling="cls", feature_layer=-2, feature_norm=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = enc.embed(x)
+        for blk in enc.blocks[:2]:
+            h = blk(h)
+        feats = enc(x)
+    assert feats.shape == (2, 16, 32)  # class token dropped
+    torch.testing.assert_close(feats, h[:, 1:])
+
+
+def test_final_norm_applies_to_last_layer_features():
+    enc = small()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), enc.forward_tokens(x))
+
+
+@pytest.mark.parametrize("pooling, extra, dim", [
+    ("cls", dict(class_token=True), 32),
+    ("mean", {}, 32),
+    ("map", dict(activation="gelu_tanh"), 32),
+    ("cls", dict(class_token=True, embed_dim=24, activation="quick_gelu"), 24),
+])
+def test_pooled_embeddings(pooling, extra, dim):
+    enc = small(pooling=pooling, **extra)
+    out = enc.pooled(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, dim)
+    assert torch.isfinite(out).all()
+
+
+def test_other_resolution_interpolates_position_embeddings():
+    enc = small(class_token=True, pooling="cls")
+    out = enc(torch.randn(1, 3, 48, 40))  # a 6x5 grid: not square, not the trained 4x4
+    assert out.shape == (1, 30, 32)
+
+
+def test_resize_pos_embed_keeps_prefix_and_identity():
+    pos = torch.randn(1, 1 + 16, 8)
+    same = resize_pos_embed(pos, (4, 4), n_prefix=1)
+    assert same is pos
+    bigger = resize_pos_embed(pos, (6, 3), n_prefix=1)
+    assert bigger.shape == (1, 1 + 18, 8)
+    torch.testing.assert_close(bigger[:, :1], pos[:, :1])
+    # a constant field stays constant under interpolation
+    const = torch.ones(1, 16, 8)
+    torch.testing.assert_close(resize_pos_embed(const, (7, 7), 0), torch.ones(1, 49, 8))
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ((1, 1, 32, 32), r"\[N, 3, H, W\]"),
+    ((3, 32, 32), r"\[N, 3, H, W\]"),
+    ((1, 3, 30, 32), "multiples of the patch size 8"),
+])
+def test_bad_pixels(shape, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        small()(torch.randn(*shape))
