@@ -64,10 +64,18 @@ def score_options(
     for index, option in enumerate(options):
         token_logprobs = logprob_fn(prompt, option)
         if not isinstance(token_logprobs, Tensor) or token_logprobs.ndim != 1:
-            shape = list(token_logprobs.shape) if isinstance(token_logprobs, Tensor) else type(token_logprobs).__name__
-            raise ValueError(f"logprob_fn must return a 1-D tensor [L] of token log-probabilities, got {shape}")
+            got = (
+                list(token_logprobs.shape)
+                if isinstance(token_logprobs, Tensor)
+                else type(token_logprobs).__name__
+            )
+            raise ValueError(
+                f"logprob_fn must return a 1-D tensor [L] of token log-probabilities, got {got}"
+            )
         if token_logprobs.numel() == 0:
-            raise ValueError(f"option {index} ({option!r}) has no tokens; an empty continuation cannot be scored")
+            raise ValueError(
+                f"option {index} ({option!r}) has no tokens; an empty continuation cannot be scored"
+            )
         if torch.isnan(token_logprobs).any():
             raise ValueError(f"logprob_fn returned NaN log-probabilities for option {index} ({option!r})")
         total = token_logprobs.double().sum()
@@ -124,11 +132,15 @@ def continuation_logprobs(
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     continuation_mask = continuation_mask.bool()
     if continuation_mask[:, 0].any():
-        raise ValueError("continuation_mask is True at position 0, which no logit predicts; mask the prompt there")
+        raise ValueError(
+            "continuation_mask is True at position 0, which no logit predicts; mask the prompt there"
+        )
     target_counts = continuation_mask.sum(dim=1)
     empty_rows = (target_counts == 0).nonzero().flatten().tolist()
     if empty_rows:
-        raise ValueError(f"rows {empty_rows} of continuation_mask mark no token; each row needs a continuation")
+        raise ValueError(
+            f"rows {empty_rows} of continuation_mask mark no token; each row needs a continuation"
+        )
     if (input_ids[continuation_mask] < 0).any() or (input_ids[continuation_mask] >= vocab).any():
         raise ValueError(f"continuation token ids must lie in [0, {vocab}) for logits with V = {vocab}")
 

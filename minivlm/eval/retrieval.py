@@ -38,7 +38,9 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(checked)
 
 
-def target_mask(targets: Targets, n_queries: int, n_items: int, device: torch.device | None = None) -> Tensor:
+def target_mask(
+    targets: Targets, n_queries: int, n_items: int, device: torch.device | None = None
+) -> Tensor:
     """Turn any accepted ground-truth format into a ``[n_queries, n_items]`` bool mask.
 
     Args:
@@ -72,7 +74,9 @@ def target_mask(targets: Targets, n_queries: int, n_items: int, device: torch.de
             mask = F.one_hot(targets.long(), n_items).bool().to(device)
     else:
         if len(targets) != n_queries:
-            raise ValueError(f"got {len(targets)} target lists for {n_queries} queries; expected one per query")
+            raise ValueError(
+                f"got {len(targets)} target lists for {n_queries} queries; expected one per query"
+            )
         mask = torch.zeros(n_queries, n_items, dtype=torch.bool, device=device)
         for query, indices in enumerate(targets):
             indices = list(indices)
@@ -103,7 +107,9 @@ def target_ranks(similarity: Tensor, targets: Targets = None) -> Tensor:
         raise ValueError(f"similarity must be [n_queries, n_items], got shape {list(similarity.shape)}")
     n_queries, n_items = similarity.shape
     if n_queries == 0 or n_items == 0:
-        raise ValueError(f"similarity must have at least one query and one item, got shape {list(similarity.shape)}")
+        raise ValueError(
+            f"similarity must have at least one query and one item, got shape {list(similarity.shape)}"
+        )
     if torch.isnan(similarity).any():
         raise ValueError("similarity contains NaN; ranks would be meaningless")
     mask = target_mask(targets, n_queries, n_items, similarity.device)
@@ -113,7 +119,9 @@ def target_ranks(similarity: Tensor, targets: Targets = None) -> Tensor:
     return 1 + outranking.sum(dim=1)
 
 
-def recall_at_k(similarity: Tensor, targets: Targets = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+    similarity: Tensor, targets: Targets = None, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Fraction of queries with a correct item among their top ``k`` items, for each k.
 
     A ``k`` above ``n_items`` is clamped to it (every query is then a hit). Ties with

@@ -12,6 +12,9 @@ Two references define the protocol and are followed rule for rule:
   punctuation but keeps ``'``, so that ``"dont"`` and ``"don't"`` normalise to the same
   string. :func:`normalize_answer` is that port.
 
+The prediction and every reference go through :func:`normalize_answer`, as in the EvalAI port;
+the official script gives the references only the punctuation step.
+
 Soft accuracy (Antol et al., "VQA: Visual Question Answering", ICCV 2015, and the
 official script): with the normalised prediction ``p`` and human answers ``a_1..a_n``,
 
@@ -123,12 +126,13 @@ def _strip_punctuation(text: str) -> str:
 def normalize_answer(answer: str) -> str:
     """Normalise a VQA answer the way the official evaluation does before comparing.
 
-    Steps (see the module docstring for the references): lower-case; delete commas (so
-    ``"1,000" -> "1000"``; this subsumes the official rule that deletes punctuation outright
-    in answers holding a digit-comma-digit number) and question marks; split the possessive ``'s`` off its word;
-    apply the punctuation rule of :func:`_strip_punctuation`; drop periods not followed by a
-    digit; map number words to digits (``"two" -> "2"``); drop the articles a/an/the; restore
-    the apostrophe of known contractions (``"dont" -> "don't"``); join with single spaces.
+    Steps (see the module docstring for the references): lower-case; delete commas and
+    question marks (``"1,000" -> "1000"``; the official script instead deletes every mark of
+    an answer that holds such a number, which agrees on the number itself); split the
+    possessive ``'s`` off its word; apply the punctuation rule of :func:`_strip_punctuation`
+    and drop periods not followed by a digit; map number words to digits (``"two" -> "2"``);
+    drop the articles a/an/the; restore the apostrophe of known contractions
+    (``"dont" -> "don't"``); join with single spaces.
 
     Example: ``normalize_answer("Two dogs.") == "2 dogs"``.
     """
