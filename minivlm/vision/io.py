@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,10 +46,21 @@ _KEYED_TRANSPARENCY_MODES = {"P", "L", "RGB"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _UINT16_TO_UINT8 = 255.0 / 65535.0
 
-# Pillow enforces its own global bomb limit (``Image.MAX_IMAGE_PIXELS``) inside ``Image.open``
-# and ``seek``; it raises only above *twice* that limit, with its own wording. load_image does
-# its own per-call check instead, so Pillow's is switched off while we open files. The global
-# is process-wide, hence the lock (re-entrant because video loading opens frames inside it).
+#: What Pillow raises on truncated or malformed data: OSError for truncation, and whatever a
+#: format parser hits when it reads past the end of a cut file or parses garbage (the same set
+#: ``Image.open`` itself catches from its plugins, plus ValueError and EOFError).
+PIL_DECODE_ERRORS = (
+    OSError,
+    EOFError,
+    SyntaxError,
+    ValueError,
+    IndexError,
+    TypeError,
+    struct.error,
+)
+
+# Serialises the rare calls that must switch Pillow's process-wide bomb check off; re-entrant
+# because video loading decodes frames inside such a block.
 _PIL_LIMIT_LOCK = threading.RLock()
 
 
@@ -57,13 +69,31 @@ class ImageLoadError(ValueError):
 
 
 @contextmanager
-def pil_bomb_check_disabled() -> Iterator[None]:
-    """Switch off Pillow's global decompression-bomb check for the duration of the block.
+def pillow_bomb_guard(max_pixels: int | None, source: str) -> Iterator[None]:
+    """Let ``max_pixels``, not Pillow's global limit, decide which images are too large.
 
-    Callers must do their own size check (see :func:`check_pixel_limit`) on ``image.size``
-    before decoding pixels. Other threads that call Pillow directly while the block runs are
-    not protected by Pillow's check; minivlm's own loaders all go through this lock.
+    Pillow checks ``Image.MAX_IMAGE_PIXELS`` itself inside ``Image.open`` and frame seeks: it
+    warns above that limit and raises ``DecompressionBombError`` above twice it. Callers do
+    their own check (:func:`check_pixel_limit`) on the header size, so:
+
+    * when ``max_pixels`` is within Pillow's limit (the default), nothing changes: anything
+      Pillow objects to is over ``max_pixels`` as well, and its error is re-raised as
+      :class:`ImageLoadError`. No lock is taken, so decoding in threads stays parallel;
+    * when ``max_pixels`` is looser (or None), Pillow's check is switched off for the block,
+      under a lock because the setting is process-wide. Other threads decoding through this
+      module wait meanwhile; threads calling Pillow directly are not covered by Pillow's check
+      for that time.
     """
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    if pillow_limit is not None and max_pixels is not None and max_pixels <= pillow_limit:
+        try:
+            yield
+        except Image.DecompressionBombError as error:
+            raise ImageLoadError(
+                f"{source}: image is over the limit of max_pixels={max_pixels:,} (refused as a "
+                f"possible decompression bomb; Pillow: {error})"
+            ) from error
+        return
     with _PIL_LIMIT_LOCK:
         previous_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
@@ -74,7 +104,7 @@ def pil_bomb_check_disabled() -> Iterator[None]:
 
 
 def check_pixel_limit(size: tuple[int, int], max_pixels: int | None, source: str) -> None:
-    """Raise :class:`ImageLoadError` when ``width * height`` exceeds ``max_pixels`` (None: no limit)."""
+    """Raise :class:`ImageLoadError` if ``width * height > max_pixels`` (None: no limit)."""
     if max_pixels is None:
         return
     width, height = size
@@ -142,7 +172,9 @@ def load_image(src: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
     if isinstance(src, Image.Image):
         return _finish(src, source, max_pixels)
     if isinstance(src, torch.Tensor):
-        return _finish(_array_to_image(_tensor_to_hwc_array(src, source), source), source, max_pixels)
+        return _finish(
+            _array_to_image(_tensor_to_hwc_array(src, source), source), source, max_pixels
+        )
     if isinstance(src, np.ndarray):
         return _finish(_array_to_image(src, source), source, max_pixels)
     raise ImageLoadError(
@@ -153,13 +185,13 @@ def load_image(src: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
 
 def _decode(fp: str | io.BytesIO, source: str, max_pixels: int | None) -> Image.Image:
     """Open an encoded image (header only), check its size, then decode it."""
-    with pil_bomb_check_disabled():
+    with pillow_bomb_guard(max_pixels, source):
         try:
             image = Image.open(fp)
         except UnidentifiedImageError as error:
             raise ImageLoadError(f"{source}: not a recognised image format ({error})") from error
-        except OSError as error:
-            raise ImageLoadError(f"{source}: cannot be read ({error})") from error
+        except PIL_DECODE_ERRORS as error:
+            raise ImageLoadError(f"{source}: cannot be read ({error!r})") from error
         with image:
             return _finish(image, source, max_pixels)
 
@@ -170,12 +202,11 @@ def _finish(image: Image.Image, source: str, max_pixels: int | None) -> Image.Im
     if image.width == 0 or image.height == 0:
         raise ImageLoadError(f"{source}: image has zero size {image.size}")
     try:
-        # A lazily opened file decodes here: truncated or corrupt pixel data surfaces as
-        # OSError (truncation), SyntaxError (some malformed headers) or ValueError.
+        # A lazily opened file decodes here, so this is where truncated or corrupt data shows.
         image.load()
         upright = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"{source}: corrupt or truncated image data ({error})") from error
+    except PIL_DECODE_ERRORS as error:
+        raise ImageLoadError(f"{source}: corrupt or truncated image data ({error!r})") from error
     rgb = to_rgb(upright, source)
     # exif_transpose and convert already return new images; the explicit copy covers an RGB
     # input with no orientation tag, so the caller's image is never aliased.
@@ -242,7 +273,10 @@ def _tensor_to_hwc_array(tensor: torch.Tensor, source: str) -> np.ndarray:
 
 
 def _array_to_image(array: np.ndarray, source: str) -> Image.Image:
-    """``[H, W]`` / ``[H, W, 1|3|4]`` array -> 8-bit L, RGB or RGBA image (dtype rules in load_image)."""
+    """``[H, W]`` / ``[H, W, 1|3|4]`` array -> 8-bit L, RGB or RGBA image.
+
+    The dtype rules are those listed in :func:`load_image`.
+    """
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
@@ -252,13 +286,16 @@ def _array_to_image(array: np.ndarray, source: str) -> Image.Image:
         )
     if array.size == 0:
         raise ImageLoadError(f"{source}: array is empty")
-    if array.dtype == np.uint8:
+    # Compare kind and size rather than dtypes: a big-endian uint16 (">u2", as read from
+    # FITS or some TIFF tools) is not == np.uint16 on a little-endian machine.
+    kind, itemsize = array.dtype.kind, array.dtype.itemsize
+    if kind == "u" and itemsize == 1:
         pixels = array
-    elif array.dtype == np.bool_:
+    elif kind == "b":
         pixels = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint16:
+    elif kind == "u" and itemsize == 2:
         pixels = np.rint(array.astype(np.float64) * _UINT16_TO_UINT8).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.floating):
+    elif kind == "f":
         if not np.isfinite(array).all():
             raise ImageLoadError(f"{source}: float image contains NaN or infinite values")
         low, high = float(array.min()), float(array.max())

@@ -148,8 +148,12 @@ def choose_tile_grid(width: int, height: int, tile_size: int, max_tiles: int) ->
     Examples with ``tile_size=64, max_tiles=4``: 256x64 -> (1, 4); 64x256 -> (4, 1);
     512x512 -> (2, 2); 1000x500 -> (1, 2); 50x40 -> (1, 1).
     """
-    for name, value in (("width", width), ("height", height), ("tile_size", tile_size),
-                        ("max_tiles", max_tiles)):
+    for name, value in (
+        ("width", width),
+        ("height", height),
+        ("tile_size", tile_size),
+        ("max_tiles", max_tiles),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"choose_tile_grid: {name} must be a positive int, got {value!r}")
     if width <= tile_size and height <= tile_size:
@@ -200,9 +204,13 @@ class ImageProcessor:
             return ProcessedImage(pixel_values=global_view.unsqueeze(0), rows=0, cols=0)
         size = self.config.image_size
         rows, cols = choose_tile_grid(rgb.width, rgb.height, size, self.config.max_tiles)
-        grid = self._normalize(self._to_tensor(rgb.resize((cols * size, rows * size), self._resample)))
+        grid = self._normalize(
+            self._to_tensor(rgb.resize((cols * size, rows * size), self._resample))
+        )
         # [3, rows*S, cols*S] -> [rows, cols, 3, S, S] -> row-major tiles [rows*cols, 3, S, S]
-        tiles = grid.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
+        tiles = (
+            grid.view(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(-1, 3, size, size)
+        )
         pixel_values = torch.cat([tiles, global_view.unsqueeze(0)], dim=0)
         return ProcessedImage(pixel_values=pixel_values, rows=rows, cols=cols)
 
@@ -210,7 +218,8 @@ class ImageProcessor:
         """Undo the normalisation: ``[..., 3, H, W]`` -> same shape in ``[0, 1]``, for display."""
         if pixel_values.dim() < 3 or pixel_values.shape[-3] != 3:
             raise ValueError(
-                f"unnormalize expects [..., 3, H, W] pixel values, got shape {tuple(pixel_values.shape)}"
+                "unnormalize expects [..., 3, H, W] pixel values, got shape "
+                f"{tuple(pixel_values.shape)}"
             )
         mean = self._mean.to(pixel_values.device, pixel_values.dtype)
         std = self._std.to(pixel_values.device, pixel_values.dtype)
@@ -243,7 +252,9 @@ class ImageProcessor:
             side = min(width, height)
             left, top = (width - side) / 2, (height - side) / 2
             box = (left, top, left + side, top + side)
-            return self._normalize(self._to_tensor(image.resize((size, size), self._resample, box=box)))
+            return self._normalize(
+                self._to_tensor(image.resize((size, size), self._resample, box=box))
+            )
         # letterbox: the long side becomes S; padding is 0 after normalisation = the mean colour.
         scale = size / max(width, height)
         fitted_width = min(size, max(1, round(width * scale)))

@@ -31,11 +31,12 @@ from PIL import Image, UnidentifiedImageError
 
 from minivlm.vision.io import (
     DEFAULT_MAX_PIXELS,
+    PIL_DECODE_ERRORS,
     ImageLoadError,
     check_pixel_limit,
     describe_source,
     load_image,
-    pil_bomb_check_disabled,
+    pillow_bomb_guard,
 )
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ def load_video(
         path = os.fspath(src)
         if os.path.isdir(path):
             frame_paths = _frame_files(path)
-            return _load_timed_by_fps(frame_paths, f"frame directory {path!r}", max_frames, fps, max_pixels)
+            return _load_timed_by_fps(
+                frame_paths, f"frame directory {path!r}", max_frames, fps, max_pixels
+            )
         if not os.path.exists(path):
             raise VideoLoadError(f"video file {path!r}: no such file or directory")
         if path.lower().endswith(VIDEO_CONTAINER_SUFFIXES):
@@ -163,7 +166,10 @@ def load_video(
 
 
 def _frame_files(directory: str) -> list[str]:
-    """Image files of ``directory`` (by Pillow's known suffixes), in natural order; hidden files skipped."""
+    """Image files of ``directory`` (by Pillow's known suffixes), in natural order.
+
+    Hidden files (``.DS_Store``, ``._frame1.png`` left by macOS) are skipped.
+    """
     image_suffixes = {suffix.lower() for suffix in Image.registered_extensions()}
     names = [
         name
@@ -182,6 +188,7 @@ def _load_timed_by_fps(
         raise VideoLoadError(f"{source}: contains no frames")
     rate = fps if fps is not None else _DEFAULT_FPS
     indices = sample_frame_indices(len(items), max_frames)
+    logger.debug("%s: sampling frames %s of %d", source, indices, len(items))
     frames = [load_image(items[index], max_pixels=max_pixels) for index in indices]
     return VideoClip(frames=frames, timestamps=[index / rate for index in indices])
 
@@ -190,8 +197,8 @@ def _load_animation(
     fp: str | io.BytesIO, source: str, max_frames: int, fps: float | None, max_pixels: int | None
 ) -> VideoClip:
     """Animated GIF/WebP/APNG (a still image is a one-frame video), timed by frame durations."""
-    default_seconds = 1.0 / fps if fps is not None else _DEFAULT_ANIMATION_FRAME_SECONDS
-    with pil_bomb_check_disabled():
+    default_ms = 1000.0 / fps if fps is not None else 1000.0 * _DEFAULT_ANIMATION_FRAME_SECONDS
+    with pillow_bomb_guard(max_pixels, source):
         try:
             image = Image.open(fp)
         except UnidentifiedImageError as error:
@@ -199,33 +206,55 @@ def _load_animation(
                 f"{source}: not a recognised image or animation format; MP4 and other containers "
                 f"need a {'/'.join(VIDEO_CONTAINER_SUFFIXES)} suffix or MP4 bytes"
             ) from error
-        except OSError as error:
-            raise VideoLoadError(f"{source}: cannot be read ({error})") from error
+        except PIL_DECODE_ERRORS as error:
+            raise VideoLoadError(f"{source}: cannot be read ({error!r})") from error
         with image:
             check_pixel_limit(image.size, max_pixels, source)
-            n_frames = getattr(image, "n_frames", 1)
-            # Durations live in each frame's info, so every frame is visited (seek without
-            # conversion is cheap); only the sampled ones are converted to RGB.
+            n_frames = _count_frames(image, source)
+            # Durations live in each frame's info, so every frame is visited; only the sampled
+            # ones are converted to RGB.
             starts: list[float] = []
-            clock = 0.0
+            # Summed in milliseconds, the unit of the files, so 100 + 200 ms reads as 0.3 s.
+            clock_ms = 0.0
             for index in range(n_frames):
                 _seek(image, index, source)
-                starts.append(clock)
+                starts.append(clock_ms / 1000.0)
+                if "duration" not in image.info:
+                    # GIF and APNG read the duration while seeking; WebP only when the frame
+                    # is decoded.
+                    _decode_frame(image, index, source)
                 duration_ms = image.info.get("duration") or 0
-                clock += duration_ms / 1000.0 if duration_ms > 0 else default_seconds
+                clock_ms += duration_ms if duration_ms > 0 else default_ms
             indices = sample_frame_indices(n_frames, max_frames)
+            logger.debug("%s: sampling frames %s of %d", source, indices, n_frames)
             frames = []
             for index in indices:
                 _seek(image, index, source)
+                # Decoding here reports a corrupt frame by file and frame number.
+                _decode_frame(image, index, source)
                 frames.append(load_image(image, max_pixels=max_pixels))
     return VideoClip(frames=frames, timestamps=[starts[index] for index in indices])
+
+
+def _count_frames(image: Image.Image, source: str) -> int:
+    try:
+        return getattr(image, "n_frames", 1)
+    except PIL_DECODE_ERRORS as error:
+        raise ImageLoadError(f"{source}: corrupt or truncated animation ({error!r})") from error
 
 
 def _seek(image: Image.Image, index: int, source: str) -> None:
     try:
         image.seek(index)
-    except (EOFError, OSError, ValueError) as error:
-        raise ImageLoadError(f"{source}: cannot decode frame {index} ({error})") from error
+    except PIL_DECODE_ERRORS as error:
+        raise ImageLoadError(f"{source}: cannot decode frame {index} ({error!r})") from error
+
+
+def _decode_frame(image: Image.Image, index: int, source: str) -> None:
+    try:
+        image.load()
+    except PIL_DECODE_ERRORS as error:
+        raise ImageLoadError(f"{source}: cannot decode frame {index} ({error!r})") from error
 
 
 def _load_container(
@@ -242,6 +271,7 @@ def _load_container(
     if not times:
         raise VideoLoadError(f"{source}: contains no video frames")
     indices = sample_frame_indices(len(times), max_frames)
+    logger.debug("%s: sampling frames %s of %d", source, indices, len(times))
     wanted = set(indices)
     frames = [
         load_image(frame.to_image(), max_pixels=max_pixels)
@@ -279,7 +309,9 @@ def _container_frames(
         if not container.streams.video:
             raise VideoLoadError(f"{source}: has no video stream")
         stream = container.streams.video[0]
-        check_pixel_limit((stream.codec_context.width, stream.codec_context.height), max_pixels, source)
+        check_pixel_limit(
+            (stream.codec_context.width, stream.codec_context.height), max_pixels, source
+        )
         rate = float(stream.average_rate) if stream.average_rate else _DEFAULT_FPS
         try:
             for index, frame in enumerate(container.decode(stream)):

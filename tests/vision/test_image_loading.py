@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,23 @@ def png_claiming_size(width: int, height: int) -> bytes:
     """
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
-# --- source types ---------------------------------------------------------------------------
+# --- source types ---------------------------------------------------------------------------------
 
 
 def test_str_and_pathlike_paths_load_the_file(tmp_path: Path) -> None:
@@ -94,14 +105,27 @@ def test_lazily_opened_pil_image_is_decoded() -> None:
         (np.full((4, 5, 4), (10, 20, 30, 255), np.uint8), (10, 20, 30)),
         (np.full((4, 5, 3), 32896, np.uint16), (128, 128, 128)),
         (np.full((4, 5), 65535, np.uint16), (255, 255, 255)),
+        (np.full((4, 5), 32896, ">u2"), (128, 128, 128)),
         (np.ones((4, 5), np.bool_), (255, 255, 255)),
         (np.zeros((4, 5, 3), np.bool_), (0, 0, 0)),
         (np.full((4, 5, 3), 0.5, np.float32), (128, 128, 128)),
         (np.full((4, 5), 1.0, np.float64), (255, 255, 255)),
         (np.full((4, 5, 3), 0.25, np.float16), (64, 64, 64)),
     ],
-    ids=["HxW", "HxWx1", "HxWx3", "HxWx4-opaque", "uint16-mid", "uint16-max", "bool-true",
-         "bool-false", "float32", "float64", "float16"],
+    ids=[
+        "HxW",
+        "HxWx1",
+        "HxWx3",
+        "HxWx4-opaque",
+        "uint16-mid",
+        "uint16-max",
+        "uint16-big-endian",
+        "bool-true",
+        "bool-false",
+        "float32",
+        "float64",
+        "float16",
+    ],
 )
 def test_numpy_arrays_of_each_supported_shape_and_dtype(array: np.ndarray, expected_rgb) -> None:
     image = load_image(array)
@@ -116,7 +140,10 @@ def test_torch_tensors_channels_first_and_last_agree() -> None:
     np.testing.assert_array_equal(np.asarray(load_image(hwc)), pixels)
     np.testing.assert_array_equal(np.asarray(load_image(chw)), pixels)
     np.testing.assert_array_equal(np.asarray(load_image(chw.float() / 255)), pixels)
-    np.testing.assert_array_equal(np.asarray(load_image(chw.to(torch.bfloat16) * 0 + 1)), np.full_like(pixels, 255))
+    np.testing.assert_array_equal(
+        np.asarray(load_image(torch.ones(3, 12, 16, dtype=torch.bfloat16))),
+        np.full_like(pixels, 255),
+    )
 
 
 def test_torch_tensor_greyscale_and_single_channel() -> None:
@@ -131,12 +158,14 @@ def test_tensor_requiring_grad_is_accepted() -> None:
     assert load_image(tensor).size == (5, 4)
 
 
-# --- mode conversions ---------------------------------------------------------------------------
+# --- mode conversions -----------------------------------------------------------------------------
 
 
 def test_rgba_is_composited_on_white() -> None:
     rgba = Image.new("RGBA", (3, 2), (255, 0, 0, 128))  # half-transparent red
-    rgba.putpixel((0, 0), (0, 0, 255, 0))  # fully transparent blue must become white, not blue/black
+    rgba.putpixel(
+        (0, 0), (0, 0, 255, 0)
+    )  # fully transparent blue must become white, not blue/black
     rgba.putpixel((1, 0), (0, 255, 0, 255))  # opaque green stays green
     image = load_image(rgba)
     assert image.getpixel((0, 0)) == (255, 255, 255)
@@ -211,7 +240,7 @@ def test_float_mode_uses_pillows_0_to_255_scale() -> None:
     assert row_values(load_image(values)) == [0, 0, 128, 255]
 
 
-# --- EXIF orientation -------------------------------------------------------------------------
+# --- EXIF orientation -----------------------------------------------------------------------------
 
 
 def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
@@ -232,18 +261,31 @@ def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     assert bottom_blue > 200 and bottom_red < 50
 
 
-# --- decompression bombs ------------------------------------------------------------------------
+# --- decompression bombs --------------------------------------------------------------------------
 
 
 def test_header_declaring_a_huge_canvas_is_refused_before_decoding(tmp_path: Path) -> None:
+    # Pillow's own check (twice its limit) fires first here, inside Image.open.
     path = tmp_path / "bomb.png"
     path.write_bytes(png_claiming_size(100_000, 100_000))
     with pytest.raises(ImageLoadError) as excinfo:
         load_image(path)
     message = str(excinfo.value)
     assert "bomb.png" in message
-    assert "100000x100000" in message
+    assert "10000000000 pixels" in message
     assert f"max_pixels={DEFAULT_MAX_PIXELS:,}" in message
+    assert "decompression bomb" in message
+
+
+def test_limit_above_pillows_own_is_checked_on_the_header(tmp_path: Path) -> None:
+    # A limit looser than Pillow's switches Pillow's check off; ours still reads the header
+    # first (decoding this file would fail with a data error, or try to allocate 30 GB).
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_claiming_size(100_000, 100_000))
+    with pytest.raises(ImageLoadError) as excinfo:
+        load_image(path, max_pixels=1_000_000_000)
+    assert "100000x100000 = 10,000,000,000 pixels" in str(excinfo.value)
+    assert "max_pixels=1,000,000,000" in str(excinfo.value)
 
 
 def test_pixel_limit_is_configurable_per_call() -> None:
@@ -259,9 +301,22 @@ def test_limit_applies_to_in_memory_sources_too() -> None:
         load_image(np.zeros((10, 10), np.uint8), max_pixels=99)
 
 
-def test_raising_the_limit_above_pillows_own_does_not_touch_pillows_global() -> None:
+def test_pillows_global_limit_is_restored_after_success_and_failure() -> None:
     before = Image.MAX_IMAGE_PIXELS
     load_image(encode(Image.new("RGB", (4, 4)), "PNG"), max_pixels=10 * DEFAULT_MAX_PIXELS)
+    assert Image.MAX_IMAGE_PIXELS == before
+    with pytest.raises(ImageLoadError):
+        load_image(png_claiming_size(100_000, 100_000))
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_threads_with_different_limits_all_load_and_leave_pillows_limit_alone() -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    data = encode(Image.fromarray(gradient()), "PNG")
+    limits = [None, DEFAULT_MAX_PIXELS, 10 * DEFAULT_MAX_PIXELS, 1_000] * 8
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        images = list(pool.map(lambda limit: load_image(data, max_pixels=limit), limits))
+    assert all(np.array_equal(np.asarray(image), gradient()) for image in images)
     assert Image.MAX_IMAGE_PIXELS == before
 
 
@@ -270,7 +325,7 @@ def test_non_positive_limit_is_rejected() -> None:
         load_image(np.zeros((2, 2), np.uint8), max_pixels=0)
 
 
-# --- errors naming the source ----------------------------------------------------------------------
+# --- errors naming the source ---------------------------------------------------------------------
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -325,8 +380,19 @@ def test_load_errors_are_value_errors() -> None:
         (torch.zeros(1, 3, 4, 4), "4 dimensions"),
         (torch.zeros(3, 4, 4, dtype=torch.int32), "unsupported dtype int32"),
     ],
-    ids=["int", "list", "int64-array", "float-range", "nan", "two-channels", "4d-array",
-         "empty-array", "tensor-channels", "4d-tensor", "int-tensor"],
+    ids=[
+        "int",
+        "list",
+        "int64-array",
+        "float-range",
+        "nan",
+        "two-channels",
+        "4d-array",
+        "empty-array",
+        "tensor-channels",
+        "4d-tensor",
+        "int-tensor",
+    ],
 )
 def test_unsupported_inputs_name_what_was_expected(src, expected: str) -> None:
     with pytest.raises(ImageLoadError, match=expected):
