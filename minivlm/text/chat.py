@@ -14,8 +14,10 @@
   ``"<image>"`` written inside a text item is ordinary text, never a placeholder.
 * LLaVA conversation JSON (:func:`from_llava`): ``[{"from": "human" | "gpt" | "system",
   "value": "<image>\\nWhat is ..."}]`` with the images passed separately, consumed in order by
-  the ``<image>`` (and ``<video>``) placeholders. The text around a placeholder is kept
-  verbatim, so ``"<image>\\nWhat"`` equals the HF content ``[image, {"text": "\\nWhat"}]``.
+  the ``<image>`` (and ``<video>``) placeholders. A newline right next to a placeholder only
+  separates it and is dropped, so ``"<image>\\nWhat"`` equals the HF content
+  ``[image, {"text": "What"}]`` and LLaVA files mix with HF-format datasets (the same rule as
+  :func:`minivlm.data.jsonl.llava_to_messages`).
 
 **Template** (ChatML, as in Qwen and SmolLM; content parts are concatenated with no separator)::
 
@@ -174,8 +176,6 @@ def _normalize_hf_message(message: Any, index: int) -> Message:
 
 
 def _normalize_hf_item(item: Any, where: str) -> Part:
-    if isinstance(item, str):
-        return TextPart(item)
     if not isinstance(item, Mapping):
         raise ChatFormatError(f"{where} must be a dict with a 'type'; got {type(item).__name__}")
     item_type = item.get("type")
@@ -215,6 +215,8 @@ def from_llava(
     Each ``<image>`` (``<video>``) in a ``value`` takes the next item of ``images``
     (``videos``), in order of appearance over the whole conversation; every given image must be
     used exactly once. A single path may be passed as ``images`` like LLaVA's ``"image"`` field.
+    As in LLaVA's own loader, one image with no ``<image>`` anywhere goes before the first user
+    text. One ``"\\n"`` directly before or after a placeholder is dropped (module docstring).
     """
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -222,9 +224,7 @@ def from_llava(
         videos = [videos]
     if isinstance(conversation, (str, bytes, Mapping)) or not isinstance(conversation, Sequence):
         raise ChatFormatError(f"a LLaVA conversation must be a list of turns; got {type(conversation).__name__}")
-    queues = {IMAGE_TOKEN: list(images), VIDEO_TOKEN: list(videos)}
-    used = {IMAGE_TOKEN: 0, VIDEO_TOKEN: 0}
-    messages = []
+    turns = []
     for index, turn in enumerate(conversation):
         where = f"LLaVA turn #{index}"
         if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
@@ -234,37 +234,56 @@ def from_llava(
             raise UnknownRoleError(f"{where} has 'from': {speaker!r}; expected one of {tuple(LLAVA_ROLES)}")
         if not isinstance(value, str):
             raise ChatFormatError(f"{where} has a {type(value).__name__} 'value', expected str")
+        turns.append((LLAVA_ROLES[speaker], value, where))
+    if len(images) == 1 and not any(IMAGE_TOKEN in value for _, value, _ in turns):
+        first_user = next((i for i, (role, _, _) in enumerate(turns) if role == "user"), None)
+        if first_user is not None:
+            role, value, where = turns[first_user]
+            turns[first_user] = (role, IMAGE_TOKEN + value, where)
+
+    queues = {IMAGE_TOKEN: list(images), VIDEO_TOKEN: list(videos)}
+    used = {IMAGE_TOKEN: 0, VIDEO_TOKEN: 0}
+    messages = []
+    for role, value, where in turns:
+        chunks = _split_placeholders(value)
         parts: list[Part] = []
-        for chunk in _split_placeholders(value):
+        for position, chunk in enumerate(chunks):
             if chunk in queues:
                 if used[chunk] == len(queues[chunk]):
-                    kind = "images" if chunk == IMAGE_TOKEN else "videos"
                     raise MissingMediaError(
                         f"{where} has {chunk} placeholder number {used[chunk] + 1} but only "
-                        f"{len(queues[chunk])} {kind} were given"
+                        f"{len(queues[chunk])} {_media_kind(chunk)} were given"
                     )
                 source = queues[chunk][used[chunk]]
                 used[chunk] += 1
                 parts.append(ImagePart(source) if chunk == IMAGE_TOKEN else VideoPart(source))
-            elif chunk:
+                continue
+            if position > 0:  # follows a placeholder
+                chunk = chunk.removeprefix("\n")
+            if position < len(chunks) - 1:  # precedes one
+                chunk = chunk.removesuffix("\n")
+            if chunk:
                 parts.append(TextPart(chunk))
-        role = LLAVA_ROLES[speaker]
         if not parts:
-            raise EmptyContentError(f"{where} ({speaker}) has empty content")
+            raise EmptyContentError(f"{where} ({role}) has empty content")
         messages.append(Message(role=role, parts=tuple(parts)))
     for token, queue in queues.items():
         if used[token] != len(queue):
-            kind = "images" if token == IMAGE_TOKEN else "videos"
             raise ChatFormatError(
-                f"{len(queue)} {kind} were given but the conversation has only {used[token]} "
+                f"{len(queue)} {_media_kind(token)} were given but the conversation has only {used[token]} "
                 f"{token} placeholders"
             )
     validate_conversation(messages)
     return messages
 
 
+def _media_kind(placeholder: str) -> str:
+    return "images" if placeholder == IMAGE_TOKEN else "videos"
+
+
 def _split_placeholders(value: str) -> list[str]:
-    """``"a<image>b<video>"`` -> ``["a", "<image>", "b", "<video>", ""]``."""
+    """``"a<image>b<video>"`` -> ``["a", "<image>", "b", "<video>", ""]``: text and
+    placeholders alternate, starting and ending with (possibly empty) text."""
     chunks: list[str] = []
     rest = value
     while True:

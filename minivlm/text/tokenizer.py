@@ -103,12 +103,14 @@ class Tokenizer:
     def __init__(self, model_proto: bytes) -> None:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self._special_ids = frozenset(i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i))
-        special_strings = sorted((self._sp.id_to_piece(i) for i in self._special_ids), key=len, reverse=True)
-        self._special_pattern = re.compile("(" + "|".join(map(re.escape, special_strings)) + ")")
-        missing = [t for t in (PAD_TOKEN, *CHAT_SPECIAL_TOKENS) if not self.has_token(t) and not (t == PAD_TOKEN and self._sp.pad_id() >= 0)]
+        self._special_by_token = {self._sp.id_to_piece(i): i for i in self._special_ids}
+        longest_first = sorted(self._special_by_token, key=len, reverse=True)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+        required = list(CHAT_SPECIAL_TOKENS) + ([] if self._sp.pad_id() >= 0 else [PAD_TOKEN])
+        missing = [token for token in required if token not in self._special_by_token]
         if missing:
             raise ValueError(
-                f"sentencepiece model lacks the special tokens {missing}; build the Tokenizer with "
+                f"sentencepiece model lacks the control symbols {missing}; build the Tokenizer with "
                 f"Tokenizer.from_bytes / from_file, which add them"
             )
 
@@ -167,6 +169,8 @@ class Tokenizer:
         try:
             spm.SentencePieceTrainer.train(sentence_iterator=counted, model_writer=model, **options)
         except RuntimeError as err:
+            if counted.error is not None:  # sentencepiece reports the iterator's error as its own
+                raise counted.error from None
             raise ValueError(f"sentencepiece training on {counted.count} texts failed: {err}") from err
         logger.info("trained a %s tokenizer on %d texts", model_type, counted.count)
         return cls(model.getvalue())
@@ -180,7 +184,14 @@ class Tokenizer:
         get ids ``>= `` the base vocabulary size. Loading a model saved by :meth:`save` adds
         nothing.
         """
-        base = spm.SentencePieceProcessor(model_proto=model_proto)
+        if not isinstance(model_proto, (bytes, bytearray)):
+            raise TypeError(f"expected the bytes of a sentencepiece model; got {type(model_proto).__name__}")
+        if not model_proto:
+            raise ValueError("expected the bytes of a sentencepiece model; got empty bytes")
+        try:
+            base = spm.SentencePieceProcessor(model_proto=bytes(model_proto))
+        except RuntimeError as err:
+            raise ValueError(f"not a sentencepiece model ({len(model_proto)} bytes): {err}") from err
         existing = {base.id_to_piece(i): i for i in range(base.get_piece_size())}
         wanted = list(CHAT_SPECIAL_TOKENS) + tile_tokens(max_tiles)
         if base.pad_id() < 0:
@@ -195,8 +206,13 @@ class Tokenizer:
                     f"minivlm needs it to be a control symbol so that text can never produce it"
                 )
         if to_add:
-            logger.info("adding %d special tokens after the base vocabulary of %d: %s", len(to_add), base.get_piece_size(), to_add)
-        return cls(_edit_model_proto(model_proto, to_add))
+            logger.info(
+                "adding %d special tokens after the base vocabulary of %d: %s",
+                len(to_add),
+                base.get_piece_size(),
+                to_add,
+            )
+        return cls(_edit_model_proto(bytes(model_proto), to_add))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, max_tiles: int = 0) -> "Tokenizer":
@@ -250,6 +266,8 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int:
         """Id of the piece ``token``; raises ``KeyError`` naming it when absent."""
+        if token in self._special_by_token:  # the template's hot path
+            return self._special_by_token[token]
         if not self.has_token(token):
             raise KeyError(f"{token!r} is not in the vocabulary of {self.vocab_size} pieces")
         return self._sp.piece_to_id(token)
@@ -271,23 +289,24 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self._sp.pad_id() if self._sp.pad_id() >= 0 else self._sp.piece_to_id(PAD_TOKEN)
+        """The model's own pad piece when it defines one, else the added ``<pad>``."""
+        return self._sp.pad_id() if self._sp.pad_id() >= 0 else self._special_by_token[PAD_TOKEN]
 
     @property
     def image_token_id(self) -> int:
-        return self._sp.piece_to_id(IMAGE_TOKEN)
+        return self._special_by_token[IMAGE_TOKEN]
 
     @property
     def video_token_id(self) -> int:
-        return self._sp.piece_to_id(VIDEO_TOKEN)
+        return self._special_by_token[VIDEO_TOKEN]
 
     @property
     def im_start_id(self) -> int:
-        return self._sp.piece_to_id(IM_START_TOKEN)
+        return self._special_by_token[IM_START_TOKEN]
 
     @property
     def im_end_id(self) -> int:
-        return self._sp.piece_to_id(IM_END_TOKEN)
+        return self._special_by_token[IM_END_TOKEN]
 
     @property
     def special_ids(self) -> frozenset[int]:
@@ -305,7 +324,9 @@ class Tokenizer:
         return n
 
     # ---- encode / decode ------------------------------------------------------------------
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False, parse_special: bool = False) -> list[int]:
+    def encode(
+        self, text: str, *, add_bos: bool = False, add_eos: bool = False, parse_special: bool = False
+    ) -> list[int]:
         """Token ids of ``text``.
 
         Special-token strings inside ``text`` (``"<image>"``, ``"<|im_end|>"``...) are encoded
@@ -319,7 +340,7 @@ class Tokenizer:
             for i, chunk in enumerate(self._special_pattern.split(text)):
                 # re.split with one capture group alternates text, special, text, ...
                 if i % 2:
-                    ids.append(self._sp.piece_to_id(chunk))
+                    ids.append(self._special_by_token[chunk])
                 elif chunk:
                     ids.extend(self._sp.encode(chunk))
         else:
@@ -379,11 +400,13 @@ class _CountingIterator(Iterator[str]):
             raise TypeError("Tokenizer.train expects an iterable of texts, not a single str")
         self._texts = iter(texts)
         self.count = 0
+        self.error: TypeError | None = None
 
     def __next__(self) -> str:
         text = next(self._texts)
         if not isinstance(text, str):
-            raise TypeError(f"training text #{self.count} is a {type(text).__name__}, expected str")
+            self.error = TypeError(f"training text #{self.count} is a {type(text).__name__}, expected str")
+            raise self.error
         self.count += 1
         return text
 
