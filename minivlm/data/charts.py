@@ -1,8 +1,9 @@
 """``charts``: bar charts with category labels under the bars and value labels above them.
 
-A chart has 3-6 bars (at most 5 below 72 pixels, where a sixth bar's value label would touch
-its neighbour's; see :func:`max_bars`); categories are distinct capital letters from ``A`` .. ``H`` shown left to
-right in alphabetical order (single letters stay legible at 64x64); values are integers 1-99.
+A chart has 3-6 bars, as many as fit with readable, non-touching value labels (3-4 at 64x64,
+3-6 from about 100 pixels; see :func:`max_bars`); categories are distinct capital letters
+``A`` .. ``H`` shown left to right in alphabetical order (single letters stay legible at 64x64);
+values are integers 1-99.
 Bars are scaled so the tallest fills the plot area; the value label on each bar gives the number.
 
 Question types (answer drawn uniformly first, then a chart built to match it):
@@ -23,20 +24,19 @@ The tallest (shortest) bar exceeds (undercuts) every other bar by at least
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from minivlm.data.drawing import COLORS, RGB, load_font, light_background
+from minivlm.data.drawing import COLORS, RGB, light_background, load_font
 from minivlm.data.sample import image_item, vqa_sample
 from minivlm.data.synthetic import SyntheticDataset
 
 CATEGORIES = tuple("ABCDEFGH")
 MIN_BARS, MAX_BARS = 3, 6
-#: Narrowest bar slot (pixels) at which two-digit value labels of neighbouring bars stay apart.
-MIN_SLOT_PIXELS = 12
 MIN_VALUE, MAX_VALUE = 1, 99
 MIN_VALUE_GAP = 3
 #: Bar colours: every palette colour except black, which is the colour of the text.
@@ -62,22 +62,47 @@ class ChartLayout:
     """Pixel geometry of a rendered chart (exposed so tests can measure the bars)."""
 
     font_size: int
-    baseline: int  # y of the bars' bottom edge
+    baseline: int  # y of the axis line; bars end on the row above it
     plot_top: int  # y reached by the tallest bar
     bar_boxes: tuple[tuple[int, int, int, int], ...]  # (left, top, right, bottom) per bar
 
 
+@dataclass(frozen=True)
+class _TextMetrics:
+    font_size: int
+    cap_height: int  # pixels from the text baseline to the top of digits and capitals
+    label_width: float  # width of the widest value label, "88"
+    gap: int  # free pixels kept between neighbouring value labels and around text
+
+
+@functools.lru_cache(maxsize=32)
+def _text_metrics(image_size: int) -> _TextMetrics:
+    # At least 10 px: below that the bundled font's digits are 5 px tall and hard to tell apart.
+    font_size = max(10, round(image_size * 0.09))
+    font = load_font(font_size)
+    cap_height = -font.getbbox("0123456789ABCDEFGH", anchor="ls")[1]
+    return _TextMetrics(font_size, cap_height, font.getlength("88"), max(2, font_size // 4))
+
+
 def max_bars(image_size: int) -> int:
-    """Most bars that fit ``image_size`` with every bar slot at least MIN_SLOT_PIXELS wide."""
-    return max(MIN_BARS, min(MAX_BARS, image_size // MIN_SLOT_PIXELS))
+    """Most bars (3..6) whose two-digit value labels fit side by side at ``image_size``:
+    4 at 64 pixels, 6 from about 100 pixels up."""
+    metrics = _text_metrics(image_size)
+    fitting = int((image_size - 2 * _margin(image_size)) // (metrics.label_width + metrics.gap))
+    return max(MIN_BARS, min(MAX_BARS, fitting))
+
+
+def _margin(image_size: int) -> int:
+    return max(1, image_size // 48)
 
 
 def chart_layout(chart: BarChart, image_size: int) -> ChartLayout:
-    """Where every bar goes at ``image_size`` (category labels below, value labels above)."""
-    font_size = max(8, round(image_size * 0.12))
-    margin = max(1, image_size // 48)
-    baseline = image_size - margin - font_size - 1
-    plot_top = margin + font_size + 2
+    """Where every bar goes at ``image_size``: category letters along the bottom edge, the axis
+    above them, value labels above each bar and room for the tallest bar's label at the top."""
+    metrics = _text_metrics(image_size)
+    margin = _margin(image_size)
+    baseline = image_size - margin - metrics.cap_height - metrics.gap
+    plot_top = margin + metrics.cap_height + metrics.gap
     slot = (image_size - 2 * margin) / len(chart.labels)
     bar_width = max(3, round(slot * 0.7))
     top_value = max(chart.values)
@@ -87,30 +112,34 @@ def chart_layout(chart: BarChart, image_size: int) -> ChartLayout:
         left = round(centre - bar_width / 2)
         height = max(1, round((baseline - plot_top) * value / top_value))
         boxes.append((left, baseline - height, left + bar_width - 1, baseline - 1))
-    return ChartLayout(font_size, baseline, plot_top, tuple(boxes))
+    return ChartLayout(metrics.font_size, baseline, plot_top, tuple(boxes))
 
 
 def render_chart(chart: BarChart, image_size: int) -> Image.Image:
     """Draw ``chart`` at ``image_size`` x ``image_size``.
 
-    Drawn directly at the output size (no supersampling): text rendered small and then
+    Drawn directly at the output size (no supersampling): text rendered large and then
     averaged down would blur; Pillow's FreeType text is already anti-aliased.
     """
     layout = chart_layout(chart, image_size)
+    margin = _margin(image_size)
     image = Image.new("RGB", (image_size, image_size), chart.background)
     draw = ImageDraw.Draw(image)
     font = load_font(layout.font_size)
     draw.line((0, layout.baseline, image_size - 1, layout.baseline), fill=TEXT_COLOR)
-    for label, value, (left, top, right, bottom) in zip(chart.labels, chart.values, layout.bar_boxes):
+    for label, value, (left, top, right, bottom) in zip(
+        chart.labels, chart.values, layout.bar_boxes
+    ):
         draw.rectangle((left, top, right, bottom), fill=COLORS[chart.bar_color])
         centre = (left + right + 1) / 2
-        draw.text((centre, top - 1), str(value), fill=TEXT_COLOR, font=font, anchor="md")
-        draw.text((centre, layout.baseline + 1), label, fill=TEXT_COLOR, font=font, anchor="mt")
+        # "ms" anchors the text baseline: digits and capitals have no descenders to leave room for.
+        draw.text((centre, top - 2), str(value), fill=TEXT_COLOR, font=font, anchor="ms")
+        draw.text((centre, image_size - margin), label, fill=TEXT_COLOR, font=font, anchor="ms")
     return image
 
 
 def _extreme_gap(value: int) -> int:
-    """How far every other bar stays from an extreme ``value``: visible by eye, not only by label."""
+    """How far other bars stay from an extreme ``value``: visible by eye, not only by label."""
     return max(MIN_VALUE_GAP, round(0.1 * value))
 
 
@@ -126,16 +155,20 @@ class ChartsDataset(SyntheticDataset):
     def generate(self, rng: random.Random, sample_id: str) -> dict[str, Any]:
         question_type = rng.choice(self.question_types)
         n_bars = rng.randint(MIN_BARS, max_bars(self.image_size))
-        labels = sorted(rng.sample(CATEGORIES, n_bars))
-        target = rng.randrange(n_bars)  # which bar the question is about
         if question_type in ("tallest", "shortest"):
-            # Draw the answer label uniformly from all categories, not from the drawn subset,
-            # whose alphabetical order favours early letters.
+            # The answer letter is drawn uniformly from all categories: drawing it from a sorted
+            # subset would favour the early letters.
             wanted = rng.choice(CATEGORIES)
-            labels = sorted([wanted, *rng.sample([c for c in CATEGORIES if c != wanted], n_bars - 1)])
+            others = rng.sample([c for c in CATEGORIES if c != wanted], n_bars - 1)
+            labels = sorted([wanted, *others])
             target = labels.index(wanted)
+        else:
+            labels = sorted(rng.sample(CATEGORIES, n_bars))
+            target = rng.randrange(n_bars)  # the bar a bar_value question asks about
         values = self._values(rng, question_type, n_bars, target)
-        chart = BarChart(tuple(labels), tuple(values), rng.choice(BAR_COLORS), light_background(rng))
+        chart = BarChart(
+            tuple(labels), tuple(values), rng.choice(BAR_COLORS), light_background(rng)
+        )
         question, answer = {
             "max_value": ("What is the highest value in the bar chart?", str(max(values))),
             "min_value": ("What is the lowest value in the bar chart?", str(min(values))),

@@ -153,7 +153,7 @@ def _boxes_apart(a: Shape, b: Shape, gap: float) -> bool:
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, canvas_size: int) -> None:
-    """Draw ``shape`` filled with its palette colour on a square canvas of ``canvas_size`` pixels."""
+    """Draw ``shape`` in its palette colour on a square canvas of ``canvas_size`` pixels."""
     left, top, right, bottom = (v * canvas_size for v in shape.box())
     fill = COLORS[shape.color]
     if shape.kind == "circle":
@@ -193,7 +193,7 @@ def load_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def count_phrase(count: int, kind: str, color: str | None = None) -> str:
-    """``(2, "circle", "red")`` -> ``"two red circles"``; ``(1, "triangle")`` -> ``"a triangle"``."""
+    """``(2, "circle", "red")`` -> ``"two red circles"``; ``(1, "triangle")`` -> ``"a triangle"``"""
     noun = kind if count == 1 else plural(kind)
     words = [NUMBER_WORDS[count]] + ([color] if color else []) + [noun]
     return " ".join(words)

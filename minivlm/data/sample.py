@@ -34,18 +34,24 @@ CONTENT_TYPES = ("text", "image", "video")
 
 
 class DataError(ValueError):
-    """A dataset record is unusable. ``source`` names the file and line (or record) it came from.
+    """A dataset record is unusable; the message starts with the file and line it came from.
 
     Attributes:
+        detail: the message without its location.
         reason: short machine-readable category (``"bad_json"``, ``"unknown_role"``, ...), the key
             under which lenient datasets count skipped records.
         source: ``"path/to/file.jsonl:12"`` or similar; empty when the record has no location.
     """
 
-    def __init__(self, reason: str, message: str, source: str = "") -> None:
+    def __init__(self, detail: str, reason: str = "invalid_record", source: str = "") -> None:
+        self.detail = detail
         self.reason = reason
         self.source = source
-        super().__init__(f"{source}: {message}" if source else message)
+        super().__init__(f"{source}: {detail}" if source else detail)
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, str]]:
+        # Keeps reason and source when the error crosses a process boundary (DataLoader workers).
+        return type(self), (self.detail, self.reason, self.source)
 
 
 def text_item(text: str) -> dict[str, Any]:
@@ -119,58 +125,76 @@ def normalise_messages(
     """
     if not isinstance(messages, list) or not messages:
         raise DataError(
-            "bad_format", f"'messages' must be a non-empty list, got {_describe(messages)}", source
+            f"'messages' must be a non-empty list, got {_describe(messages)}",
+            reason="bad_format",
+            source=source,
         )
     normalised = []
     for position, message in enumerate(messages):
         where = f"message {position}"
         if not isinstance(message, dict):
-            raise DataError("bad_format", f"{where} must be a dict, got {_describe(message)}", source)
+            raise DataError(
+                f"{where} must be a dict, got {_describe(message)}",
+                reason="bad_format",
+                source=source,
+            )
         role = message.get("role")
         if role not in ROLES:
             raise DataError(
-                "unknown_role", f"{where} has role {role!r}; expected one of {ROLES}", source
+                f"{where} has role {role!r}; expected one of {ROLES}",
+                reason="unknown_role",
+                source=source,
             )
         content = message.get("content")
         if isinstance(content, str):
             content = [text_item(content)]
         if not isinstance(content, list):
             raise DataError(
-                "bad_format",
                 f"{where} ({role}) content must be a string or a list of items, got "
                 f"{_describe(content)}",
-                source,
+                reason="bad_format",
+                source=source,
             )
         items = [_check_item(item, f"{where} ({role})", source) for item in content]
         if not any(item["type"] != "text" or item["text"].strip() for item in items):
-            raise DataError("empty_content", f"{where} ({role}) has empty content", source)
+            raise DataError(
+                f"{where} ({role}) has empty content", reason="empty_content", source=source
+            )
         normalised.append({**message, "content": items})
     if require_assistant and not any(m["role"] == "assistant" for m in normalised):
         raise DataError(
-            "no_assistant_turn",
             "a training sample needs at least one assistant message, found roles "
             f"{[m['role'] for m in normalised]}",
-            source,
+            reason="no_assistant_turn",
+            source=source,
         )
     return normalised
 
 
 def _check_item(item: Any, where: str, source: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise DataError("bad_format", f"{where}: content item must be a dict, got {_describe(item)}", source)
+        raise DataError(
+            f"{where}: content item must be a dict, got {_describe(item)}",
+            reason="bad_format",
+            source=source,
+        )
     kind = item.get("type")
     if kind not in CONTENT_TYPES:
         raise DataError(
-            "unknown_content_type",
             f"{where}: content item type {kind!r}; expected one of {CONTENT_TYPES}",
-            source,
+            reason="unknown_content_type",
+            source=source,
         )
     if kind == "text" and not isinstance(item.get("text"), str):
         raise DataError(
-            "bad_format", f"{where}: text item needs a string 'text', got {_describe(item.get('text'))}", source
+            f"{where}: text item needs a string 'text', got {_describe(item.get('text'))}",
+            reason="bad_format",
+            source=source,
         )
     if kind != "text" and item.get(kind) in (None, "", []):
-        raise DataError("bad_format", f"{where}: {kind} item has no {kind!r} value", source)
+        raise DataError(
+            f"{where}: {kind} item has no {kind!r} value", reason="bad_format", source=source
+        )
     return item
 
 

@@ -50,7 +50,12 @@ RELATIONS = ("left of", "right of", "above", "below")
 
 def describe_shapes(shapes: Sequence[Shape]) -> str:
     """Canonical caption: ``"two red circles, a teal rectangle and a black triangle"``."""
-    groups = Counter((s.kind, s.color) for s in shapes)
+    return describe_specs([(s.kind, s.color) for s in shapes])
+
+
+def describe_specs(specs: Sequence[tuple[str, str]]) -> str:
+    """Canonical caption of shapes given as ``(kind, color)`` pairs (see the module docstring)."""
+    groups = Counter(specs)
     ordered = sorted(groups, key=lambda g: (SHAPES.index(g[0]), COLOR_NAMES.index(g[1])))
     return join_phrases([count_phrase(groups[g], g[0], g[1]) for g in ordered])
 
@@ -68,7 +73,12 @@ def relation_holds(a: Shape, b: Shape, relation: str, margin: float = RELATION_M
     raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
 
 
-OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OPPOSITE_RELATION = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+}
 
 #: What a question builder returns: shape specs ``(kind, color)`` to place, the question, the
 #: answer, and a predicate the layout must satisfy (or None).
@@ -106,8 +116,6 @@ class ShapesDataset(SyntheticDataset):
         specs, question, answer, accept = ask(rng)
         rng.shuffle(specs)  # drawing order carries no information about the answer
         scene = ShapeScene(light_background(rng), place_shapes(rng, specs, accept=accept))
-        if question_type == "caption":
-            answer = describe_shapes(scene.shapes)
         return vqa_sample(
             visuals=[image_item(render_scene(scene, self.image_size))],
             question=question,
@@ -119,26 +127,29 @@ class ShapesDataset(SyntheticDataset):
         )
 
     def _caption(self, rng: random.Random) -> QuestionPlan:
-        return random_specs(rng, rng.randint(1, MAX_SHAPES)), "Describe the image.", "", None
+        specs = random_specs(rng, rng.randint(1, MAX_SHAPES))
+        return specs, "Describe the image.", describe_specs(specs), None
 
     def _count(self, rng: random.Random) -> QuestionPlan:
         kind = rng.choice(SHAPES)
         count = rng.randint(0, MAX_SHAPES)
         total = rng.randint(max(count, 1), MAX_SHAPES)
         others = [k for k in SHAPES if k != kind]
-        specs = random_specs(rng, count, kinds=[kind]) + random_specs(rng, total - count, kinds=others)
+        specs = random_specs(rng, count, kinds=[kind]) + random_specs(
+            rng, total - count, kinds=others
+        )
         return specs, f"How many {plural(kind)} are there?", str(count), None
 
     def _color(self, rng: random.Random) -> QuestionPlan:
         kind, color = rng.choice(SHAPES), rng.choice(COLOR_NAMES)
         others = [k for k in SHAPES if k != kind]
-        specs = [(kind, color)] + random_specs(rng, rng.randint(0, MAX_SHAPES - 1), kinds=others)
+        specs = [(kind, color), *random_specs(rng, rng.randint(0, MAX_SHAPES - 1), kinds=others)]
         return specs, f"What color is the {kind}?", color, None
 
     def _shape(self, rng: random.Random) -> QuestionPlan:
         kind, color = rng.choice(SHAPES), rng.choice(COLOR_NAMES)
         others = [c for c in COLOR_NAMES if c != color]
-        specs = [(kind, color)] + random_specs(rng, rng.randint(0, MAX_SHAPES - 1), colors=others)
+        specs = [(kind, color), *random_specs(rng, rng.randint(0, MAX_SHAPES - 1), colors=others)]
         return specs, f"What is the {color} shape?", kind, None
 
     def _position(self, rng: random.Random) -> QuestionPlan:

@@ -5,7 +5,7 @@ stable hash of ``(task, seed, split, i)``. That gives, at no storage cost:
 
 * **determinism**: the same seed gives identical pixels in any process, any run;
 * **parallel rendering**: DataLoader workers render disjoint indices independently;
-* **resumable training**: a run restarted at data position ``k`` sees exactly samples ``k, k+1, ...``;
+* **resumable training**: a run restarted at data position ``k`` sees samples ``k, k+1, ...``;
 * **disjoint splits**: ``train`` and ``test`` draw from different seed streams (and every task has
   its own stream, so tasks in a mixture are uncorrelated).
 
@@ -27,6 +27,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 SPLITS = ("train", "test")
+#: Below this, 0.16-wide shapes are ~7 pixels and the gaps between them 2: no longer legible.
+MIN_IMAGE_SIZE = 48
 DEFAULT_LENGTHS = {"train": 1_000_000, "test": 500}
 
 
@@ -46,7 +48,7 @@ class SyntheticDataset(Dataset, ABC):
     Args:
         split: ``"train"`` or ``"test"`` (different seed streams).
         seed: base seed; the same seed reproduces the same samples.
-        image_size: side of the square images in pixels (>= 32; 64 by default, 224 works).
+        image_size: side of the square images in pixels (>= 48; 64 by default, 224 works).
         length: number of samples; ``None`` uses 1,000,000 for train and 500 for test.
     """
 
@@ -65,8 +67,10 @@ class SyntheticDataset(Dataset, ABC):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not isinstance(image_size, int) or image_size < 32:
-            raise ValueError(f"image_size must be an integer >= 32 pixels, got {image_size!r}")
+        if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be an integer >= {MIN_IMAGE_SIZE} pixels, got {image_size!r}"
+            )
         if length is not None and (not isinstance(length, int) or length <= 0):
             raise ValueError(f"length must be a positive integer or None, got {length!r}")
         self.question_types = tuple(question_types or self.QUESTION_TYPES)
