@@ -59,6 +59,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from minivlm.train.recipe import run
+
+    cfg = preset(args.preset).override(*args.overrides)
+    if args.data:
+        cfg.data.mixture = args.data
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    cfg.validate()
+    run_dir = Path(args.out) if args.out else Path("runs") / (args.name or cfg.name)
+    out = run(cfg, run_dir, resume=args.resume, max_minutes=args.max_minutes, eval_limit=args.eval_limit,
+              progress=not args.no_progress)
+    if out.metrics:
+        from minivlm.eval.runner import EvalReport
+
+        counts = json.loads((run_dir / "eval.json").read_text())["counts"]
+        print(f"\ntrained {out.steps} steps in {out.train_seconds:.0f} s ({out.status}); "
+              f"evaluated in {out.eval_seconds:.0f} s\n")
+        print(EvalReport(out.metrics, counts, out.eval_seconds).table())
+        samples = json.loads((run_dir / "eval.json").read_text())["samples"][:8]
+        print("\nsample answers:")
+        for s in samples:
+            mark = "" if s["correct"] is None else ("  ok" if s["correct"] else "  WRONG")
+            print(f"  [{s['task']}] {s['question']!r} -> {s['prediction']!r} (expected {s['answer']!r}){mark}")
+    print(f"\nmodel: {out.model_dir}\nrun:   {run_dir} (metrics.jsonl, loss.png, eval.json)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from minivlm.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minivlm", description="A from-scratch modular vision-language model library.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -70,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens in the reference sample")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train a model (default: tiny preset on the embedded data mixture)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-3 projector=mlp")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--data", help="mixture spec, e.g. easy_vqa:0.5,shapes:0.3,charts:0.2")
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--name", help="run name under runs/")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    p.add_argument("--eval-limit", type=int, help="score at most this many test samples per task")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="draw a run's loss curve")
+    p.add_argument("run_dir")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="build the tiny model and run one forward/backward")
     p.add_argument("overrides", nargs="*")

@@ -214,15 +214,19 @@ class VisionLanguageModel(nn.Module):
     def _tied_keys(self) -> set[str]:
         return {"decoder.lm_head.weight"} if self.config.decoder.tie_embeddings else set()
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ the processor's files when attached)."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ the processor's files when attached).
+
+        ``state_dict`` overrides the module's own (a full state gathered from FSDP shards).
+        """
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.config.to_json(out / CONFIG_NAME)
         tied = self._tied_keys()
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k not in tied}
+        source = state_dict if state_dict is not None else self.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items() if k not in tied}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
         if self.processor is not None:
             self.processor.save_pretrained(out)
