@@ -89,6 +89,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from minivlm.interop.convert import import_checkpoint
+
+    opts = {k: v for k, v in (("model_name", args.model_name), ("image_size", args.image_size),
+                              ("normalization", args.normalization)) if v is not None}
+    out = import_checkpoint(args.kind, args.src, args.out, **opts)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from minivlm.train.plot import plot_run
 
@@ -121,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="score at most this many test samples per task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    from minivlm.interop.convert import IMPORT_KINDS
+
+    p = sub.add_parser("import", help="convert timm / open_clip / HF Llama / LLaVA weights into a minivlm directory")
+    p.add_argument("kind", choices=sorted(IMPORT_KINDS))
+    p.add_argument("src", help="a model name (timm, open_clip) or a directory (hf-llama, llava)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model-name", help="open_clip: the model config name when SRC is a weights file")
+    p.add_argument("--image-size", type=int, help="encoder input size (resamples position embeddings)")
+    p.add_argument("--normalization", choices=["clip", "siglip", "imagenet"])
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("plot", help="draw a run's loss curve")
     p.add_argument("run_dir")

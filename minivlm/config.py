@@ -46,6 +46,7 @@ class EncoderConfig:
     embed_dim: int | None = None  # projection after pooling (CLIP's `proj`), bias-free
     feature_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
     patch_bias: bool = True
+    stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
@@ -205,6 +206,9 @@ class VLMConfig:
              f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
         need(e.activation in ("gelu", "gelu_tanh", "quick_gelu"), "encoder.activation",
              f"expected gelu | gelu_tanh | quick_gelu, got {e.activation!r}")
+        need(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
+        need(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
+             f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
         need(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
              f"expected none | cls | mean | map, got {e.pooling!r}")
         need(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")

@@ -124,7 +124,7 @@ class VisionLanguageModel(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape [N, {', '.join(map(str, expected))}]; "
                              f"got {list(pixel_values.shape)}")
-        return self.projector(self.encoder(pixel_values.to(self.encoder.patch_embed.weight.dtype)))
+        return self.projector(self.encoder(pixel_values.to(self.encoder.pos_embed.dtype)))
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from minivlm.data.sample import image_item, vqa_sample
+from minivlm.data.sample import image_item, text_item, vqa_sample
 
 logger = logging.getLogger(__name__)
 
@@ -155,3 +156,35 @@ class EasyVQA(Dataset):
     def question_indices(self, image_id: int) -> list[int]:
         """Indices (for :meth:`sample` / ungrouped indexing) of the questions on ``image_id``."""
         return list(self._question_indices[image_id])
+
+
+class EasyVQADialogues(Dataset):
+    """One conversation per easy-VQA image: the image, then all its questions as turns.
+
+    Item ``i`` shows image ``i`` once and asks its ~10 questions one after another (order
+    shuffled by ``(seed, i)``), so one sequence carries ~10 supervised answers instead of one.
+    For training this is the same data as :class:`EasyVQA` at a tenth of the image and prompt
+    cost per answer; evaluation stays single-turn (:class:`EasyVQA`).
+    """
+
+    task = "easy_vqa"
+
+    def __init__(self, split: str = "train", seed: int = 0, data_dir: str | Path | None = None) -> None:
+        self.base = EasyVQA(split, data_dir=data_dir)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.base.image_ids())
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.base.image_ids()[range(len(self))[index]]
+        order = self.base.question_indices(image_id)
+        random.Random(f"{self.seed}/{image_id}").shuffle(order)
+        records = [self.base.questions[i] for i in order]
+        messages: list[dict[str, Any]] = []
+        for turn, record in enumerate(records):
+            content = ([image_item(self.base.image(image_id))] if turn == 0 else []) + [text_item(record.question)]
+            messages.append({"role": "user", "content": content})
+            messages.append({"role": "assistant", "content": [text_item(record.answer)]})
+        return {"messages": messages, "task": self.task, "answer": records[-1].answer,
+                "question_type": records[-1].question_type, "id": f"{self.task}_dialogue/{self.base.split}/{image_id}"}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from minivlm.data.charts import ChartsDataset
-from minivlm.data.easy_vqa import EasyVQA
+from minivlm.data.easy_vqa import EasyVQA, EasyVQADialogues
 from minivlm.data.jsonl import ChatJsonlDataset, LlavaJsonDataset
 from minivlm.data.mixture import Mixture, check_weight
 from minivlm.data.multi_image import MultiImageDataset
@@ -190,6 +190,7 @@ def _synthetic(cls: type[SyntheticDataset]) -> DatasetFactory:
 
 
 register_dataset("easy_vqa", lambda request: EasyVQA(request.split))
+register_dataset("easy_vqa_dialogues", lambda request: EasyVQADialogues(request.split, request.seed))
 register_dataset("shapes", _synthetic(ShapesDataset))
 register_dataset("charts", _synthetic(ChartsDataset))
 register_dataset("multi_image", _synthetic(MultiImageDataset))

@@ -104,3 +104,21 @@ def test_data_dir_can_point_at_a_copy(tmp_path):
     copy = EasyVQA("test", data_dir=tmp_path)
     assert len(copy) == len(kept) and copy.image_ids() == [0]
     assert copy[0]["answer"] == kept[0][1]
+
+
+def test_dialogues_ask_every_question_of_one_image_once():
+    from minivlm.data.easy_vqa import EasyVQA, EasyVQADialogues
+
+    base = EasyVQA("test")
+    dialogues = EasyVQADialogues("test", seed=3)
+    assert len(dialogues) == 1_000
+    sample = dialogues[5]
+    image_id = base.image_ids()[5]
+    users = [m for m in sample["messages"] if m["role"] == "user"]
+    answers = [m["content"][0]["text"] for m in sample["messages"] if m["role"] == "assistant"]
+    images = [item for m in users for item in m["content"] if item["type"] == "image"]
+    assert len(images) == 1 and images[0]["image"] is base.image(image_id)  # shown once, first turn
+    asked = sorted((m["content"][-1]["text"], a) for m, a in zip(users, answers))
+    expected = sorted((base.questions[i].question, base.questions[i].answer) for i in base.question_indices(image_id))
+    assert asked == expected
+    assert dialogues[5] == EasyVQADialogues("test", seed=3)[5]  # deterministic order per seed

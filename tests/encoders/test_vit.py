@@ -70,3 +70,19 @@ def test_resize_pos_embed_keeps_prefix_and_identity():
 def test_bad_pixels(shape, fragment):
     with pytest.raises(ValueError, match=fragment):
         small()(torch.randn(*shape))
+
+
+def test_conv_stem_keeps_the_patch_grid_and_unit_scale():
+    enc = small(stem="conv")
+    x = torch.randn(4, 3, 32, 32)
+    assert enc.patch_embed(x).shape == (4, 32, 4, 4)
+    assert 0.3 < enc.patch_embed(x).std().item() < 3.0  # He init: patch features above pos-embed scale
+    assert enc(x).shape == (4, 16, 32)
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    from minivlm import preset
+    from minivlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="encoder.stem"):
+        preset("tiny").override("encoder.stem=conv", "encoder.patch_size=12", "encoder.image_size=48").validate()
