@@ -25,7 +25,7 @@ def test_known_names():
 def test_weighted_mixture_is_normalised():
     mixture = build_dataset("easy_vqa:0.5,shapes:0.3,charts:0.2", split="test", seed=1)
     assert isinstance(mixture, Mixture)
-    assert mixture.names == ["easy_vqa", "easy_vqa_dialogues", "shapes", "charts"]
+    assert mixture.names == ["easy_vqa", "shapes", "charts"]
     assert np.allclose(mixture.probabilities, [0.5, 0.3, 0.2])
     assert len(mixture) == 9_673 + 500 + 500
     assert {mixture[i]["task"] for i in range(30)} == {"easy_vqa", "shapes", "charts"}
