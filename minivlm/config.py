@@ -141,6 +141,9 @@ class TrainConfig:
     max_nonfinite: int = 10
     log_every: int = 10
     fsdp: bool = False
+    lora_rank: int = 0  # > 0: freeze the base weights and train LoRA adapters of this rank (minivlm.train.lora)
+    lora_alpha: float = 16.0  # adapter update scale alpha / rank (Hu et al. 2021)
+    lora_parts: tuple[str, ...] = ("decoder",)  # parts whose linear layers get adapters: decoder, encoder
 
 
 @dataclass

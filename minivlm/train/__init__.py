@@ -1,0 +1,1 @@
+"""Training: stages, optimiser and schedule, precision, checkpoints, data stream, DDP/FSDP2, LoRA."""

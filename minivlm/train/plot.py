@@ -7,20 +7,38 @@ from pathlib import Path
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """``(train records, eval records)`` of a run directory."""
+    """``(train records, eval records)`` of a run directory.
+
+    Raises:
+        FileNotFoundError: the directory has no ``metrics.jsonl``.
+        ValueError: a line of it is not JSON (the message gives the line number).
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (not a minivlm run directory?)")
     train, evals = [], []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            (evals if "eval" in rec else train).append(rec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number} is not a JSON record: {err}") from None
+        (evals if "eval" in rec else train).append(rec)
     return train, evals
 
 
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``loss.png``: training loss (raw and smoothed) and learning rate over steps."""
+    """Write ``loss.png`` (or ``out``): training loss, raw and smoothed, and evaluation metrics.
+
+    Steps without a loss (skipped for a non-finite loss) are left out of the curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,15 +46,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     train, evals = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
-    steps = [r["step"] for r in train]
-    losses = [r["loss"] for r in train]
+    points = [(r["step"], r["loss"]) for r in train if r.get("loss") is not None]
+    steps, losses = [s for s, _ in points], [v for _, v in points]
     ax[0, 0].plot(steps, losses, alpha=0.35, label="loss")
     if len(losses) >= 5:
-        k = max(1, len(losses) // 20)
-        smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
-        ax[0, 0].plot(steps, smooth, label=f"moving mean ({k + 1})")
-    ax[0, 0].set(xlabel="step", ylabel="training loss (per supervised token)", yscale="log", title=Path(run_dir).name)
+        window = max(2, len(losses) // 20)
+        ax[0, 0].plot(steps, moving_mean(losses, window), label=f"moving mean ({window})")
+    positive = all(v > 0 for v in losses)
+    ax[0, 0].set(xlabel="step", ylabel="training loss (per supervised token)", yscale="log" if positive else "linear",
+                 title=Path(run_dir).name)
     ax[0, 0].legend()
     if evals:
         keys = sorted({k for e in evals for k in e["eval"]})

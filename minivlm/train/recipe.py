@@ -133,8 +133,18 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     model_dir = run_dir / "model"
     metrics: dict[str, float] = {}
     eval_seconds = 0.0
+    from minivlm.train.lora import has_lora, merge_lora, save_lora
+
+    full_state = trainer.dist.full_model_state(trainer.wrapped)  # collective under FSDP
     if dist.is_main:
-        model.save_pretrained(model_dir)
+        if has_lora(model):
+            save_lora(model, run_dir / "adapters.safetensors")  # adapters + trained projector
+            merge_lora(model)  # model/ stays a plain VisionLanguageModel for chat / from_pretrained
+            full_state = None
+        model.save_pretrained(model_dir, state_dict=full_state)
+        if trainer.dist.strategy == "fsdp":
+            # Evaluate an unsharded copy: the sharded module would wait for the other ranks.
+            model = VisionLanguageModel.from_pretrained(model_dir, map_location=str(dist.device))
         (run_dir / "train_result.json").write_text(json.dumps(
             {k: v for k, v in result.__dict__.items() if k != "history"}, indent=2) + "\n")
         plot_run(run_dir)

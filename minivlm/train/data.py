@@ -1,0 +1,169 @@
+"""The training data stream: deterministic sample indices -> rendered, collated micro-batches.
+
+Every sample index is a pure function of (step, micro-batch, rank), so the data position is
+just the step number: a resumed run, or the same run on another number of ranks with the same
+global batch, reads exactly the same samples.
+
+Global step ``s`` consumes data positions ``[s * G, (s + 1) * G)`` with
+``G = micro_batch * grad_accum * world_size``; rank ``r``'s micro-batch ``m`` takes the slice
+starting at ``s * G + (m * world_size + r) * micro_batch``. Position ``p`` reads sample
+``perm_e[p mod n]`` of epoch ``e = p // n``, where ``perm_e`` is a permutation seeded by
+``(seed, e)`` (identity when shuffling is off): every epoch visits each sample once, in a new
+order, without the sampler holding any state but the step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from minivlm.data.collate import Packer, pad_collate
+from minivlm.text.processor import Processor, SampleSkipped
+
+log = logging.getLogger(__name__)
+
+# Keeps the sampler's permutation stream apart from anything else seeded with the same seed.
+_EPOCH_STREAM = 0x65706F63
+
+
+@dataclass
+class Skipped:
+    """Stands in for a sample the processor refused, so the count survives worker processes."""
+
+    reason: str
+
+
+class RenderedDataset(Dataset):
+    """Sample ``i`` of ``dataset`` rendered for training (or :class:`Skipped`)."""
+
+    def __init__(self, dataset: Dataset, processor: Processor):
+        self.dataset, self.processor = dataset, processor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.dataset[index]
+        try:
+            return self.processor.render(sample["messages"], for_training=True)
+        except SampleSkipped as err:
+            return Skipped(err.reason)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Index lists for every micro-batch of this rank, from ``start_step`` on (see module docstring).
+
+    Args:
+        n_samples: dataset length.
+        micro_batch: samples per micro-batch and rank.
+        grad_accum: micro-batches per step and rank.
+        world_size, rank: the data-parallel group.
+        start_step: first step to yield (the resumed data position).
+        total_steps: stop before this step; None for an endless stream.
+        seed: seeds the per-epoch permutations; None reads the dataset in order.
+    """
+
+    def __init__(self, n_samples: int, micro_batch: int, grad_accum: int, world_size: int = 1, rank: int = 0,
+                 start_step: int = 0, total_steps: int | None = None, seed: int | None = 0):
+        for name, value, least in (("n_samples", n_samples, 1), ("micro_batch", micro_batch, 1),
+                                   ("grad_accum", grad_accum, 1), ("world_size", world_size, 1),
+                                   ("start_step", start_step, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"StepBatchSampler.{name} must be an integer >= {least}; got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"StepBatchSampler.rank must lie in [0, {world_size}); got {rank!r}")
+        if total_steps is not None and total_steps < start_step:
+            raise ValueError(f"StepBatchSampler.total_steps ({total_steps}) is before start_step ({start_step})")
+        self.n, self.mb, self.accum, self.world, self.rank = n_samples, micro_batch, grad_accum, world_size, rank
+        self.start, self.total, self.seed = start_step, total_steps, seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.mb * self.accum * self.world
+
+    def sample_at(self, position: int) -> int:
+        """The dataset index read at data position ``position``."""
+        epoch, offset = divmod(position, self.n)
+        if self.seed is None:
+            return offset
+        return int(self._permutation(epoch)[offset])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            # A step straddles at most two epochs: keep only the newest permutation besides this one.
+            for old in sorted(self._permutations)[:-1]:
+                del self._permutations[old]
+            self._permutations[epoch] = np.random.default_rng([_EPOCH_STREAM, self.seed, epoch]).permutation(self.n)
+        return self._permutations[epoch]
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        base = step * self.global_batch + (micro * self.world + self.rank) * self.mb
+        return [self.sample_at(base + j) for j in range(self.mb)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while self.total is None or step < self.total:
+            for micro in range(self.accum):
+                yield self.indices(step, micro)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("an endless sampler has no length")
+        return (self.total - self.start) * self.accum
+
+
+class TrainCollator:
+    """Drops skipped samples (counting why), then pads or packs.
+
+    The returned dict holds the model inputs plus ``skipped`` (a Counter of reasons) and
+    ``n_samples`` (samples kept; 0 means the micro-batch is empty and has no model inputs).
+    """
+
+    def __init__(self, pad_id: int, pack_length: int | None = None):
+        self.pad_id = pad_id
+        self.packer = Packer(pack_length, pad_id) if pack_length else None
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        skipped = Counter(it.reason for it in items if isinstance(it, Skipped))
+        samples = [it for it in items if not isinstance(it, Skipped)]
+        batch: dict[str, Any] = {}
+        if samples:
+            batch = self.packer(samples) if self.packer else pad_collate(samples, self.pad_id)
+        batch["skipped"] = skipped
+        batch["n_samples"] = len(samples)
+        return batch
+
+
+def make_loader(dataset: Dataset, processor: Processor, sampler: StepBatchSampler, *, packing: bool,
+                max_length: int, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A loader over ``sampler``'s micro-batches.
+
+    The loader gets its own generator, seeded by ``(seed, start step)``: without one, creating
+    its iterator draws the worker base seed from the *global* torch RNG, so a run resumed at
+    step ``k`` would leave the global stream (dropout, augmentation) one draw off the
+    uninterrupted run.
+    """
+    collate = TrainCollator(processor.tokenizer.pad_id, max_length if packing else None)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + sampler.start)
+    return DataLoader(RenderedDataset(dataset, processor), batch_sampler=sampler, collate_fn=collate,
+                      num_workers=num_workers, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None, generator=generator)
+
+
+def supervised_tokens(batch: dict[str, Any]) -> int:
+    """Tokens that carry a loss after the one-position shift (as the model counts them)."""
+    labels = batch.get("labels")
+    return 0 if labels is None else int((labels[:, 1:] != -100).sum())
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,538 @@
+"""The training loop: stages, mixed precision, accumulation, clipping, checkpoints, exact resume.
+
+One global step = ``grad_accum`` micro-batches on each of ``world_size`` ranks. The loss of a
+step is normalised by the supervised tokens of the *whole global batch*: each micro-batch
+contributes ``loss_sum / N_global``, so a sample's weight does not depend on how many tokens
+its micro-batch happened to hold (per-micro-batch means over-weight short batches). The
+gradient of a step is therefore the gradient of one big batch's mean token loss, however it
+is split across micro-batches and ranks.
+
+Exact resume: a checkpoint holds the weights, the optimizer and gradient-scaler states, the
+schedule position, every global RNG and the data position (the step: see :mod:`minivlm.train.data`).
+A run stopped at step ``k`` and resumed computes, on the CPU in fp32, bit for bit the losses
+and weights of the run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from minivlm.config import ConfigError, TrainConfig
+from minivlm.interop.safetensors_io import load_safetensors
+from minivlm.model import VisionLanguageModel
+from minivlm.text.processor import Processor
+from minivlm.train import checkpoint as ckpt
+from minivlm.train.data import (
+    RenderedDataset,
+    Skipped,
+    StepBatchSampler,
+    TrainCollator,
+    make_loader,
+    supervised_tokens,
+    to_device,
+)
+from minivlm.train.distributed import DistributedContext
+from minivlm.train.lora import apply_lora, has_lora, mark_only_lora_trainable
+from minivlm.train.optim import build_optimizer, lr_multiplier
+from minivlm.train.precision import autocast, grad_scaler, resolve_precision
+from minivlm.train.stages import apply_stage, part_lr_scales
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "document_ids")
+#: Samples tried in order to find one usable micro-batch when a rank's first step has none.
+_FILLER_SEARCH = 1000
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite losses, or another unrecoverable training state."""
+
+
+class RunDirectoryError(ValueError):
+    """The run directory cannot be created or written; raised before any training compute."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did.
+
+    ``status``: ``finished`` | ``interrupted`` (SIGTERM/SIGINT; a checkpoint was saved) |
+    ``time_budget``. ``skipped_steps``: steps skipped for a non-finite loss or gradient;
+    ``overflow_steps``: fp16 steps the gradient scaler skipped (normal while it calibrates).
+    ``history``: one record per step of this call, as written to ``metrics.jsonl``.
+    """
+
+    steps: int
+    status: str
+    final_loss: float
+    seconds: float
+    tokens_per_second: float
+    skipped_steps: int
+    skipped_samples: dict[str, int] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    overflow_steps: int = 0
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Reject settings the loop cannot run with, naming the field (``ConfigError``)."""
+
+    def need(ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"train.{name}: expected {expected}, got {getattr(cfg, name)!r}")
+
+    for name in ("batch_size", "grad_accum", "steps", "max_nonfinite", "log_every"):
+        value = getattr(cfg, name)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an integer >= 1")
+    for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+        value = getattr(cfg, name)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name, "an integer >= 0")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), "lr", "a finite number > 0")
+    need(cfg.weight_decay >= 0, "weight_decay", "a number >= 0")
+    need(cfg.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+    need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+    need(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "betas", "two numbers in [0, 1)")
+    need(cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", "None or a number > 0")
+    rank = getattr(cfg, "lora_rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"train.lora_rank: expected an integer >= 0 (0 disables LoRA), got {rank!r}")
+
+
+class Trainer:
+    """Trains a :class:`VisionLanguageModel` on a map-style dataset of chat samples.
+
+    Args:
+        model: the model (on CPU; moved to the context's device here). With ``train.lora_rank``
+            > 0 it gets LoRA adapters (:mod:`minivlm.train.lora`) unless it already has some.
+        processor: renders samples; saved with every checkpoint.
+        dataset: map-style, sample ``i`` deterministic (see :mod:`minivlm.train.data`).
+        run_dir: where checkpoints, ``metrics.jsonl`` and the final model go.
+        eval_fn: ``eval_fn(model) -> dict of metrics``, called every ``train.eval_every`` steps.
+        dist: the process group context (single process when None).
+        progress: show a progress bar (rank 0 only).
+
+    Raises:
+        ConfigError: invalid ``train.*`` settings.
+        RunDirectoryError: ``run_dir`` cannot be written (checked before anything else runs).
+    """
+
+    def __init__(self, model: VisionLanguageModel, processor: Processor, dataset: Dataset, run_dir: str | Path,
+                 eval_fn: Callable[[VisionLanguageModel], dict[str, float]] | None = None,
+                 dist: DistributedContext | None = None, progress: bool = True):
+        self.cfg = model.config
+        self.tcfg = self.cfg.train
+        self.dist = dist or DistributedContext.single()
+        self.device = self.dist.device
+        # Every setting is checked before the first side effect (creating run_dir).
+        check_train_config(self.tcfg)
+        self.precision = resolve_precision(self.tcfg.precision, self.device)
+        scales = part_lr_scales(self.tcfg)
+        self.run_dir = Path(run_dir)
+        self.eval_fn = eval_fn
+        self.progress = progress and self.dist.is_main
+        self._check_writable()
+        self.model = model.to(self.device)
+        self.model.processor = processor
+        self.processor = processor
+        self.dataset = dataset
+        apply_stage(self.model, scales)
+        self._setup_lora(scales)
+        if self.tcfg.activation_checkpointing:
+            self.model.decoder.gradient_checkpointing = True
+        self.wrapped: nn.Module = self.dist.wrap(self.model, fsdp=self.tcfg.fsdp)
+        self.forward_module = torch.compile(self.wrapped) if self.tcfg.compile else self.wrapped
+        self.optimizer = build_optimizer(self.model, scales, self.tcfg, self.device)
+        # The schedule is a pure function of (step, total_steps), both checkpointed: each step
+        # sets ``lr = base_lr * multiplier`` itself (no LambdaLR, whose only state is the step
+        # and which warns whenever a skipped step leaves optimizer.step() uncalled).
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+        self.total_steps = self.tcfg.steps
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.step = 0
+        self.data_seed = self.tcfg.seed
+        self.nonfinite_total = 0
+        self.overflow_total = 0
+        self.skipped_samples: Counter = Counter()
+        self._consecutive_bad = 0
+        self._stop_signal: int | None = None
+        self._saved_step: int | None = None
+        self._filler: dict[str, Any] | None = None
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._tb = self._tensorboard()
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        """Fail before any compute when the run directory cannot be written (all ranks raise)."""
+        error: OSError | None = None
+        if self.dist.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as err:
+                error = err
+        (failed,) = self.dist.any_rank(error is not None)
+        if failed:
+            reason = error if error is not None else "rank 0 could not write it"
+            raise RunDirectoryError(f"output directory {self.run_dir} is not writable: {reason}")
+
+    def _setup_lora(self, scales: dict[str, float]) -> None:
+        """Add adapters when ``train.lora_rank`` asks for them; keep only adapters (and the
+        projector / fusion, where the stage trains them) trainable on an adapted model."""
+        rank = getattr(self.tcfg, "lora_rank", 0)
+        train_projector, train_fusion = scales["projector"] > 0, scales["fusion"] > 0
+        if rank and not has_lora(self.model):
+            apply_lora(self.model, parts=tuple(getattr(self.tcfg, "lora_parts", ("decoder",))), r=rank,
+                       alpha=getattr(self.tcfg, "lora_alpha", 16.0), train_projector=train_projector,
+                       train_fusion=train_fusion)
+        if has_lora(self.model):
+            mark_only_lora_trainable(self.model, train_projector=train_projector, train_fusion=train_fusion)
+
+    def _tensorboard(self):
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        return self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the weights that a resumed run needs (a collective under FSDP)."""
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "optimizer": self.dist.optimizer_state(self.model, self.optimizer),
+            "scaler": self.scaler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "nonfinite_total": self.nonfinite_total,
+            "overflow_total": self.overflow_total,
+            "skipped_samples": dict(self.skipped_samples),
+            "data_position": {"next_step": self.step, "global_batch": self.global_batch, "seed": self.data_seed},
+        }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0; every rank must call it)."""
+        model_state = self.dist.full_model_state(self.model)  # collective under FSDP
+        trainer_state = self.state_dict()
+        self._saved_step = self.step
+        if not self.dist.is_main:
+            return None
+
+        def write_model(directory: Path) -> None:
+            self.model.save_pretrained(directory, state_dict=model_state)
+
+        return ckpt.save_checkpoint(self.run_dir, self.step, write_model, trainer_state, self.tcfg.keep_checkpoints)
+
+    def resume(self, checkpoint_dir: str | Path | None = None) -> bool:
+        """Restore model, optimizer, schedule position, scaler, RNG and data position.
+
+        Reads ``checkpoint_dir``, or the newest checkpoint of the run directory; returns False
+        (and changes nothing) when there is none.
+
+        Raises:
+            ValueError: the checkpoint was trained with another global batch size (its data
+                positions would not line up).
+            FileNotFoundError: ``checkpoint_dir`` is not a training checkpoint.
+        """
+        directory = Path(checkpoint_dir) if checkpoint_dir else ckpt.latest_checkpoint(self.run_dir)
+        if directory is None:
+            log.info("no checkpoint in %s: starting from step 0", self.run_dir)
+            return False
+        state = ckpt.load_trainer_state(directory)
+        position = state["data_position"]
+        if position["global_batch"] != self.global_batch:
+            raise ValueError(f"cannot resume {directory}: it was trained with global batch "
+                             f"{position['global_batch']}, this run has {self.global_batch} "
+                             f"(batch_size x grad_accum x world_size)")
+        self.dist.load_model_state(self.model, load_safetensors(directory / "model.safetensors"))
+        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        if state["total_steps"] != self.total_steps:
+            log.warning("resuming the checkpoint's schedule of %d steps (train.steps=%d is ignored)",
+                        state["total_steps"], self.total_steps)
+        self.total_steps = state["total_steps"]
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.data_seed = position["seed"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.overflow_total = state["overflow_total"]
+        self.skipped_samples = Counter(state["skipped_samples"])
+        self._saved_step = self.step
+        self._trim_metrics()
+        log.info("resumed from %s at step %d", directory, self.step)
+        return True
+
+    def _trim_metrics(self) -> None:
+        """Drop records a crashed run wrote after its last checkpoint; the resumed run rewrites them."""
+        if not self.dist.is_main or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    # ---- signals --------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+            self._stop_signal = signum
+            log.warning("received signal %d: saving a checkpoint after this step", signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return previous
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, max_minutes: float | None = None) -> TrainResult:
+        """Train until ``train.steps``, a signal, or the time budget; see :class:`TrainResult`.
+
+        Raises:
+            TrainingAborted: ``train.max_nonfinite`` consecutive steps had a non-finite loss.
+        """
+        if resume:
+            self.resume()
+        max_minutes = max_minutes if max_minutes is not None else self.tcfg.max_minutes
+        sampler = StepBatchSampler(len(self.dataset), self.tcfg.batch_size, self.tcfg.grad_accum,
+                                   self.dist.world_size, self.dist.rank, start_step=self.step,
+                                   total_steps=self.total_steps, seed=self.data_seed)
+        loader = make_loader(self.dataset, self.processor, sampler, packing=self.cfg.data.packing,
+                             max_length=self.cfg.data.max_length, num_workers=self.cfg.data.num_workers,
+                             seed=self.data_seed)
+        batches = iter(loader)
+        previous_handlers = self._install_signal_handlers()
+        history: list[dict[str, Any]] = []
+        status, last_loss = "finished", float("nan")
+        t_start, tokens_seen = time.perf_counter(), 0
+        bar = self._progress_bar()
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                record = self._train_step(batches)
+                record["elapsed_s"] = time.perf_counter() - t_start
+                tokens_seen += record.pop("tokens")
+                if record["loss"] is not None and "skipped" not in record:
+                    last_loss = record["loss"]
+                history.append(record)
+                if self.step % self.tcfg.log_every == 0 or self.step == self.total_steps:
+                    self._log(record)
+                if bar is not None:
+                    bar.update(1)
+                    shown = record["loss"] if record["loss"] is not None else math.nan
+                    bar.set_postfix(loss=f"{shown:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                if self.eval_fn and self.tcfg.eval_every and self.step % self.tcfg.eval_every == 0:
+                    self._evaluate()
+                if self.tcfg.save_every and self.step % self.tcfg.save_every == 0:
+                    self.save()
+                out_of_time = max_minutes is not None and (time.perf_counter() - t_start) / 60 >= max_minutes
+                stop, out_of_time = self.dist.any_rank(self._stop_signal is not None, out_of_time)
+                if stop:
+                    status = "interrupted"
+                    break
+                if out_of_time:
+                    status = "time_budget"
+                    break
+            if (status == "interrupted" or self.tcfg.save_every) and self._saved_step != self.step:
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            if self._tb is not None:
+                self._tb.flush()
+        seconds = time.perf_counter() - t_start
+        if self.skipped_samples and self.dist.is_main:
+            log.warning("skipped samples: %s", dict(self.skipped_samples))
+        return TrainResult(self.step, status, last_loss, seconds, tokens_seen / max(seconds, 1e-9),
+                           self.nonfinite_total, dict(self.skipped_samples), history, self.overflow_total)
+
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics record."""
+        t0 = time.perf_counter()
+        micro = [to_device(next(batches), self.device) for _ in range(self.tcfg.grad_accum)]
+        usable = [b for b in micro if b["n_samples"]]
+        skipped = sum((b["skipped"] for b in micro), Counter())
+        n_global, n_skipped = self.dist.all_reduce_sums(sum(supervised_tokens(b) for b in usable),
+                                                        sum(skipped.values()))
+        if n_skipped:
+            self.skipped_samples.update(self.dist.gather_counts(skipped))
+        multiplier = lr_multiplier(self.step, self.total_steps, self.tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+        self.optimizer.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; multiplying by world_size turns that into the sum
+        # the global-token normalisation needs.
+        weight = self.dist.world_size / n_global if n_global else 0.0
+        passes = self._micro_passes(micro, usable)
+        # float64, so the sum over micro-batches rounds alike on one rank and on several.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (batch, counted) in enumerate(passes):
+            loss_sum += self._micro_step(batch, weight if counted else 0.0, sync=i == len(passes) - 1)
+        total_loss, step_tokens = self.dist.all_reduce_sums(float(loss_sum),
+                                                            sum(int(b["attention_mask"].sum()) for b in usable))
+        loss = total_loss / max(n_global, 1)
+        outcome, grad_norm = self._update(loss, n_global)
+        self.step += 1
+        record = {"step": self.step, "loss": loss if math.isfinite(loss) else None, "lr": self.tcfg.lr * multiplier,
+                  "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
+                  "tokens_per_s": step_tokens / (time.perf_counter() - t0), "supervised_tokens": n_global,
+                  "tokens": step_tokens}
+        if outcome != "ok":
+            record["skipped"] = outcome
+        return record
+
+    def _micro_passes(self, micro: list[dict[str, Any]], usable: list[dict[str, Any]]) -> list[tuple[dict, bool]]:
+        """The forward/backward passes of a step as ``(batch, counts toward the loss)``.
+
+        One process skips empty micro-batches (every sample refused by the processor). Ranks
+        of a group cannot: FSDP gathers weights in every forward and DDP reduces gradients in
+        the last backward, both collectives, so every rank runs ``grad_accum`` passes and an
+        empty micro-batch is replaced by a usable one whose loss is weighted by 0.
+        """
+        if self.dist.world_size == 1:
+            return [(b, True) for b in usable]
+        if usable:
+            self._filler = usable[-1]
+        filler = self._filler if self._filler is not None else self._find_filler()
+        return [(b, True) if b["n_samples"] else (filler, False) for b in micro]
+
+    def _find_filler(self) -> dict[str, Any]:
+        rendered = RenderedDataset(self.dataset, self.processor)
+        collate = TrainCollator(self.processor.tokenizer.pad_id,
+                                self.cfg.data.max_length if self.cfg.data.packing else None)
+        for index in range(min(len(rendered), _FILLER_SEARCH)):
+            item = rendered[index]
+            if not isinstance(item, Skipped):
+                self._filler = to_device(collate([item]), self.device)
+                return self._filler
+        raise TrainingAborted(f"none of the first {_FILLER_SEARCH} samples renders (all skipped by the processor); "
+                              f"check data.max_length against the samples' lengths")
+
+    def _micro_step(self, batch: dict[str, Any], weight: float, sync: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch scaled by ``weight``; returns its summed loss
+        (zero for a filler pass, ``weight == 0``)."""
+        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+        sync_ctx = nullcontext() if sync else self.dist.no_sync(self.wrapped)
+        with sync_ctx:
+            with autocast(self.precision, self.device):
+                out = self.forward_module(**inputs, return_logits=False)
+            self.scaler.scale(out.loss_sum * weight).backward()
+        return out.loss_sum.detach() if weight else torch.zeros((), device=self.device)
+
+    def _update(self, loss: float, n_global: int) -> tuple[str, float | None]:
+        """Clip and apply the accumulated gradient, or skip the step.
+
+        Returns ``(outcome, grad norm before clipping)`` with outcome ``ok``, ``nonfinite``
+        (loss or gradient not finite), ``overflow`` (fp16: the scaler backs off) or ``empty``
+        (no supervised token in the global batch). Every rank reaches the same outcome: the
+        loss and the gradient norm are global.
+        """
+        if n_global == 0:
+            log.warning("step %d has no supervised token in its global batch; skipped", self.step)
+            return "empty", None
+        if not math.isfinite(loss):
+            self._count_nonfinite(f"loss {loss}")
+            return "nonfinite", None
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        if not math.isfinite(grad_norm):
+            if self.scaler.is_enabled():
+                # Dynamic loss scaling (Micikevicius et al. 2018): an inf gradient means the
+                # scale is too high; skip and halve it. Decided here from the global norm, not
+                # by scaler.step's per-rank inf check, so sharded (FSDP) ranks cannot disagree.
+                self.overflow_total += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                log.info("fp16 gradient overflow at step %d; loss scale -> %g", self.step, self.scaler.get_scale())
+                return "overflow", grad_norm
+            self._count_nonfinite(f"gradient norm {grad_norm}")
+            return "nonfinite", grad_norm
+        self._consecutive_bad = 0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return "ok", grad_norm
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._consecutive_bad += 1
+        self.nonfinite_total += 1
+        log.warning("non-finite %s at step %d (%d in a row); step skipped", what, self.step, self._consecutive_bad)
+        if self._consecutive_bad >= self.tcfg.max_nonfinite:
+            raise TrainingAborted(
+                f"{self._consecutive_bad} consecutive steps with a non-finite loss or gradient (last at step "
+                f"{self.step}, train.max_nonfinite={self.tcfg.max_nonfinite}); lower train.lr, use "
+                f"train.precision=bf16 or fp32, or check the data")
+
+    def _clip_gradients(self) -> float:
+        """Global L2 norm of the (unscaled) gradients, clipped to ``train.grad_clip`` when set."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+        value = float(full)
+        if self.tcfg.grad_clip > 0 and math.isfinite(value):
+            torch.nn.utils.clip_grads_with_norm_(params, self.tcfg.grad_clip, norm)
+        return value
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def _progress_bar(self):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"train/{k}", v, record["step"])
+        log.debug("step %d loss %s lr %.2e", record["step"], record["loss"], record["lr"])
+
+    def _evaluate(self) -> dict[str, float]:
+        """``eval_fn`` on rank 0; on every rank under FSDP, whose forward passes are collectives."""
+        self.model.eval()
+        runs_here = self.dist.is_main or self.dist.strategy == "fsdp"
+        try:
+            with torch.no_grad():
+                metrics = self.eval_fn(self.model) if runs_here else {}
+        finally:
+            self.model.train()
+        if self.dist.is_main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps({"step": self.step, "eval": metrics}) + "\n")
+            if self._tb is not None:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(f"eval/{k}", v, self.step)
+        return metrics

@@ -1,0 +1,18 @@
+"""Trainer tests run their tiny models on one intra-op thread.
+
+The models here are a few tens of thousands of parameters: a second OpenMP thread only adds
+synchronisation, and on a machine shared with other jobs spinning threads make each step ~30x
+slower. The bitwise resume tests also need a fixed thread count (reduction order).
+"""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Module scope, so module-scoped fixtures (trained models shared by tests) run on it too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
