@@ -203,8 +203,15 @@ def register_backend(name: str, fn: AttentionFn) -> None:
 
 
 def pick_backend(mask: AttentionMask, device: torch.device) -> str:
-    """Default kernel choice per (device, mask kind)."""
-    return "sdpa"
+    """Default kernel choice per (device, mask kind); see :mod:`minivlm.kernels.dispatch`.
+
+    Decode steps (``q_offset > 0``) stay on SDPA: FlexAttention compiles per shape and offset.
+    """
+    if mask.q_offset:
+        return "sdpa"
+    from minivlm.kernels.dispatch import default_backend  # lazy: minivlm.kernels imports this module
+
+    return default_backend(mask.kind, device.type)
 
 
 def attention(
