@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -106,6 +107,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Modules that add their own subcommand: each has ``register(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minivlm", description="A from-scratch modular vision-language model library.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
