@@ -109,6 +109,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 #: Modules that add their own subcommand: each has ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "minivlm.commands.ablate",
+    "minivlm.commands.explain",
+    "minivlm.commands.chat",
+    "minivlm.commands.evaluate",
+    "minivlm.commands.retrieve",
 )
 
 

@@ -25,6 +25,7 @@ import minivlm.encoders  # noqa: F401
 import minivlm.fusion  # noqa: F401
 import minivlm.projectors  # noqa: F401
 from minivlm.config import VLMConfig, preset
+from minivlm.kernels.fused_ce import fused_linear_cross_entropy
 from minivlm.layers.attention import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
@@ -198,17 +199,23 @@ class VisionLanguageModel(nn.Module):
 
         Position ``t`` predicts ``labels[t + 1]``. Only supervised positions are projected to the
         vocabulary when no logits are given: in VLM instruction data most tokens are prompt or
-        image, so this skips most of the LM-head work.
+        image, so this skips most of the LM-head work. With ``train.fused_loss`` (default) the
+        projection and the loss run in token chunks
+        (:func:`minivlm.kernels.fused_ce.fused_linear_cross_entropy`), so the ``[tokens, vocab]``
+        logits never exist.
         """
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         n_sup = keep.sum()
         if logits is not None:
-            sel_logits = logits[:, :-1][keep]
-        else:
-            sel_logits = self.decoder.logits(hidden[:, :-1][keep])
-        loss_sum = F.cross_entropy(sel_logits.float(), targets[keep], reduction="sum")
-        return loss_sum, n_sup
+            return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), n_sup
+        head = self.decoder.lm_head
+        if self.config.train.fused_loss and type(head) is nn.Linear and head.bias is None:
+            # Chunked head + loss: the [tokens, vocab] logits never exist (a LoRA-adapted head
+            # is not a plain nn.Linear and takes the unfused path).
+            return fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep]), n_sup
+        sel_logits = self.decoder.logits(hidden[:, :-1][keep])
+        return F.cross_entropy(sel_logits.float(), targets[keep], reduction="sum"), n_sup
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _tied_keys(self) -> set[str]:
@@ -226,10 +233,16 @@ class VisionLanguageModel(nn.Module):
         self.config.to_json(out / CONFIG_NAME)
         tied = self._tied_keys()
         source = state_dict if state_dict is not None else self.state_dict()
-        state = {k: v.detach().contiguous().cpu() for k, v in source.items() if k not in tied}
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()
+                 if k not in tied and not k.startswith("retrieval_head.")}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
         if self.processor is not None:
             self.processor.save_pretrained(out)
+        if getattr(self, "retrieval_head", None) is not None:
+            from minivlm.retrieval import save_retrieval_head
+
+            prefix = "retrieval_head."
+            save_retrieval_head(self, out, {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)})
         return out
 
     @classmethod
@@ -244,6 +257,9 @@ class VisionLanguageModel(nn.Module):
         model = cls(config)
         state = load_safetensors(d / WEIGHTS_NAME, device=str(map_location))
         model.load_checkpoint_state(state)
+        from minivlm.retrieval import load_retrieval_head
+
+        load_retrieval_head(model, d)
         if load_processor and (d / "processor_config.json").is_file():
             from minivlm.text.processor import Processor
 

@@ -108,7 +108,9 @@ class CrossAttentionFusion(nn.Module):
         n = 0 if image_embeds is None else image_embeds.shape[0]
         ctx: CrossAttentionContext | None = getattr(cache, "cross_context", None) if cache is not None else None
         if n == 0 and ctx is not None:
-            is_marker = placeholder_mask(input_ids, self.image_token_id, 0, 1)  # new tokens bring no image
+            # Decode step: new tokens bring no image. (No count check here: it would force a
+            # host sync and break torch.compile's graph on every step.)
+            is_marker = input_ids == self.image_token_id
         else:
             is_marker = placeholder_mask(input_ids, self.image_token_id, n, 1)
             if n == 0:
@@ -122,6 +124,9 @@ class CrossAttentionFusion(nn.Module):
         def hook(layer: int, h: Tensor) -> Tensor:
             if layer % self.every:
                 return h
-            return self.blocks[layer // self.every](h, ctx.images.to(h.dtype), cross_mask)
+            out = self.blocks[layer // self.every](h, ctx.images.to(h.dtype), cross_mask)
+            # Tokens that have seen no image (text-only rows, text before the first image) pass
+            # through unchanged, so a row decodes the same alone or batched with image rows.
+            return torch.where(seen[..., None] > 0, out, h)
 
         return FusedInputs(text_embeds, mask, hook)

@@ -1,0 +1,51 @@
+"""``minivlm ablate GRID_FILE``: run an architecture ablation grid (see :mod:`minivlm.ablate`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ablate", help="train and evaluate a grid of config variants under one budget; write tables and plots",
+        description="Train every variant of a grid (YAML/JSON) with the same data order, seeds and budget, "
+                    "then write results.csv, results.md, loss_curves.png and metrics.png. Finished runs are "
+                    "skipped on a re-run; interrupted runs resume from their checkpoint.")
+    p.add_argument("grid_file", help="grid file (.yaml, .yml or .json), e.g. benchmarks/ablations/projectors.yaml")
+    p.add_argument("--out", help="result directory (default runs/ablations/<grid name>)")
+    p.add_argument("--seeds", type=int, help="run seeds 0..N-1 (replaces the grid's seeds)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=A,B",
+                   help="add or replace an axis, e.g. --grid encoder.feature_layer=-1,-2 (repeatable)")
+    p.add_argument("--steps", type=int, help="step budget (replaces the grid's steps or tokens)")
+    p.add_argument("--eval-limit", type=int, help="test samples per task (replaces the grid's eval_limit)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
+    p.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from minivlm.ablate import AblationGrid, is_finished, plan_runs, run_ablation
+
+    grid = AblationGrid.load(args.grid_file).with_axes(args.grid).with_budget(args.steps, args.eval_limit)
+    if args.seeds is not None:
+        grid = grid.with_seeds(args.seeds)
+    out_dir = Path(args.out) if args.out else Path("runs") / "ablations" / grid.name
+    if args.dry_run:
+        plans = plan_runs(grid, out_dir)
+        print(f"grid {grid.name}: {len(grid.variants())} variants x {len(grid.seeds)} seeds -> {out_dir}")
+        for plan in plans:
+            state = ("finished" if is_finished(plan.run_dir) else
+                     f"invalid: {plan.error}" if plan.config is None else f"to run, {plan.config.train.steps} steps")
+            print(f"  {plan.variant.name}/seed_{plan.seed}: {state}")
+        return 0
+    outcome = run_ablation(grid, out_dir)
+    print(outcome.reports["results_md"].read_text())
+    print(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, {len(outcome.failed)} failed")
+    for tag, error in outcome.failed.items():
+        print(f"  failed {tag}: {error}")
+    for name, path in outcome.reports.items():
+        print(f"{name}: {path}")
+    if outcome.interrupted:
+        print("interrupted: run the same command again to resume")
+        return 130
+    return 0

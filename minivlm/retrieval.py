@@ -1,0 +1,440 @@
+"""Cross-modal retrieval with the VLM's own towers and a contrastive objective.
+
+Embeddings (both L2-normalised, in a shared width ``RetrievalConfig.dim``)::
+
+    image:  RetrievalHead.image_proj( encoder.pooled(pixels) )                     [N, E]
+    text:   RetrievalHead.text_proj( masked mean over the caption's real tokens
+                                     of the decoder's final hidden states )       [N, E]
+
+The image side is CLIP's image tower (Radford et al. 2021): the encoder's pooled output and a
+linear projection. The text side reuses the decoder as the text tower, mean-pooled over the
+caption tokens as in sentence encoders built on language models (SGPT, Muennighoff 2022), so
+retrieval needs no second text model and can be trained alone or alongside generation.
+
+Objectives, both with learnable temperature:
+
+* ``"clip"``: the symmetric InfoNCE loss of CLIP (van den Oord et al. 2018; Radford et al. 2021):
+  cross-entropy over each row and each column of the ``B x B`` similarity matrix scaled by
+  ``exp(t)``, ``t`` initialised to ``log(1 / 0.07)`` and capped at ``log(100)``.
+* ``"siglip"``: the sigmoid loss of SigLIP (Zhai et al. 2023): every pair is a binary decision,
+  ``-sum_ij log sigmoid(z_ij (exp(t) * sim_ij + b)) / B`` with ``z = 1`` on matching pairs and
+  ``-1`` elsewhere; ``t = log 10`` and ``b = -10`` at initialisation (their eq. 1 and sec. 3).
+
+The projections and temperature live in a :class:`RetrievalHead` attached to the model as
+``model.retrieval_head`` (:func:`attach_retrieval_head`), so optimisers, ``.to()`` and
+distributed wrappers see it with the rest of the model. It is saved beside the checkpoint
+(``retrieval_head.json`` + ``retrieval_head.safetensors``) by :func:`save_pretrained`;
+:func:`load_pretrained` restores both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minivlm.model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+HEAD_CONFIG_NAME = "retrieval_head.json"
+HEAD_WEIGHTS_NAME = "retrieval_head.safetensors"
+HEAD_PREFIX = "retrieval_head."
+LOSSES = ("clip", "siglip")
+#: CLIP caps its learned logit scale at 100 "to prevent training instability" (Radford et al. 2021, sec. 2.5).
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass
+class RetrievalConfig:
+    """Shape and objective of a :class:`RetrievalHead`.
+
+    Attributes:
+        dim: width of the shared embedding space.
+        loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (pairwise sigmoid).
+        init_temperature: ``exp(t)`` at initialisation; None: the paper's value (1 / 0.07 for
+            CLIP, 10 for SigLIP).
+        init_bias: SigLIP's bias ``b`` at initialisation (ignored by CLIP).
+    """
+
+    dim: int = 128
+    loss: str = "clip"
+    init_temperature: float | None = None
+    init_bias: float = -10.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"RetrievalConfig.dim must be a positive int, got {self.dim!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"RetrievalConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.init_temperature is not None and not (math.isfinite(self.init_temperature) and self.init_temperature > 0):
+            raise ValueError(f"RetrievalConfig.init_temperature must be a positive number or None, "
+                             f"got {self.init_temperature!r}")
+
+    @property
+    def resolved_init_temperature(self) -> float:
+        if self.init_temperature is not None:
+            return self.init_temperature
+        return 1 / 0.07 if self.loss == "clip" else 10.0
+
+
+class RetrievalHead(nn.Module):
+    """Projections of both towers into one space, plus the learned temperature (and SigLIP bias).
+
+    ``image_features [N, D_img] -> [N, E]``, ``text_features [M, D_txt] -> [M, E]``, both
+    L2-normalised; :meth:`loss` takes a batch of matching pairs.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, config: RetrievalConfig | None = None):
+        super().__init__()
+        self.config = config or RetrievalConfig()
+        dim = self.config.dim
+        self.image_proj = nn.Linear(image_dim, dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, dim, bias=False)
+        # 1/sqrt(fan_in) keeps the projected features at unit scale (CLIP: width ** -0.5).
+        nn.init.normal_(self.image_proj.weight, std=image_dim**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=text_dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(self.config.resolved_init_temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(self.config.init_bias)) if self.config.loss == "siglip" else None
+
+    @classmethod
+    def for_model(cls, model: VisionLanguageModel, config: RetrievalConfig | None = None) -> RetrievalHead:
+        return cls(model.encoder.embed_dim, model.config.decoder.width, config)
+
+    def embed_image_features(self, features: Tensor) -> Tensor:
+        return F.normalize(self.image_proj(features), dim=-1)
+
+    def embed_text_features(self, features: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(features), dim=-1)
+
+    def logits(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """``[N, E], [M, E] -> [N, M]`` scaled similarities (plus the bias for SigLIP)."""
+        logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image_embeds.float() @ text_embeds.float().T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def loss(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+        """Contrastive loss of ``B`` matching pairs ``[B, E], [B, E]`` (row i matches row i)."""
+        if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+            raise ValueError(f"expected matching [B, E] image and text embeddings, got {list(image_embeds.shape)} "
+                             f"and {list(text_embeds.shape)}")
+        logits = self.logits(image_embeds, text_embeds)
+        if self.config.loss == "clip":
+            return clip_loss(logits)
+        return siglip_loss(logits)
+
+
+def clip_loss(logits: Tensor) -> Tensor:
+    """Symmetric InfoNCE over ``[B, B]`` logits whose diagonal holds the matching pairs (CLIP, fig. 3)."""
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def siglip_loss(logits: Tensor) -> Tensor:
+    """Pairwise sigmoid loss over ``[B, B]`` logits, summed and divided by ``B`` (SigLIP, alg. 1)."""
+    labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+# ---- the head on the model ----------------------------------------------------------------------------
+def attach_retrieval_head(model: VisionLanguageModel, config: RetrievalConfig | None = None) -> RetrievalHead:
+    """Create a head for ``model`` (on its device and dtype) and attach it as ``model.retrieval_head``."""
+    weight = model.decoder.embed.weight
+    head = RetrievalHead.for_model(model, config).to(device=weight.device, dtype=weight.dtype)
+    model.retrieval_head = head
+    return head
+
+
+def retrieval_head_of(model: VisionLanguageModel) -> RetrievalHead:
+    head = getattr(model, "retrieval_head", None)
+    if not isinstance(head, RetrievalHead):
+        raise ValueError("this model has no retrieval head: attach one with attach_retrieval_head(model) and "
+                         "train it (train_retrieval), or load a checkpoint saved with minivlm.retrieval.save_pretrained")
+    return head
+
+
+def save_retrieval_head(model: VisionLanguageModel, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+    """Write ``retrieval_head.json`` and ``retrieval_head.safetensors`` into ``directory``.
+
+    ``state`` overrides the head's own weights (keys without the ``retrieval_head.`` prefix),
+    e.g. the head's part of a full state gathered from FSDP shards.
+    """
+    from safetensors.torch import save_file
+
+    head = retrieval_head_of(model)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / HEAD_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(head.config), indent=2) + "\n")
+    source = state if state is not None else head.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in source.items()}, str(out / HEAD_WEIGHTS_NAME))
+    return out
+
+
+def load_retrieval_head(model: VisionLanguageModel, directory: str | Path) -> RetrievalHead | None:
+    """Attach the head saved in ``directory``; None (and no change) when it holds none."""
+    from minivlm.interop.safetensors_io import load_safetensors
+
+    d = Path(directory)
+    if not (d / HEAD_CONFIG_NAME).is_file():
+        return None
+    config = RetrievalConfig(**json.loads((d / HEAD_CONFIG_NAME).read_text()))
+    head = attach_retrieval_head(model, config)
+    state = load_safetensors(d / HEAD_WEIGHTS_NAME, device=str(model.device))
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d / HEAD_WEIGHTS_NAME} does not match its {HEAD_CONFIG_NAME}: "
+                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    return head
+
+
+def save_pretrained(model: VisionLanguageModel, directory: str | Path) -> Path:
+    """``model.save_pretrained`` with the retrieval head (if any) in its own files beside the weights."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    out = model.save_pretrained(directory, state_dict=state)
+    if getattr(model, "retrieval_head", None) is not None:
+        save_retrieval_head(model, out)
+    return out
+
+
+def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> VisionLanguageModel:
+    """``VisionLanguageModel.from_pretrained`` plus the retrieval head saved beside it, if any."""
+    model = VisionLanguageModel.from_pretrained(directory, map_location=map_location)
+    load_retrieval_head(model, directory)
+    return model
+
+
+# ---- embeddings -------------------------------------------------------------------------------------
+def image_embeddings(model: VisionLanguageModel, pixel_values: Tensor) -> Tensor:
+    """``[N, C, H, W]`` preprocessed images -> ``[N, E]`` unit-norm embeddings (differentiable)."""
+    head = retrieval_head_of(model)
+    pooled = model.encoder.pooled(pixel_values.to(device=model.device, dtype=model.encoder.pos_embed.dtype))
+    return head.embed_image_features(pooled)
+
+
+def text_embeddings(model: VisionLanguageModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[N, T]`` right-padded caption ids and mask -> ``[N, E]`` unit-norm embeddings (differentiable).
+
+    The decoder is causal, so right padding never reaches a real token's state; the mean runs
+    over real tokens only.
+    """
+    head = retrieval_head_of(model)
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+    hidden = model(input_ids, attention_mask=attention_mask, return_logits=False).hidden  # [N, T, D]
+    weights = attention_mask.to(hidden.dtype)[..., None]
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    return head.embed_text_features(pooled)
+
+
+def tokenize_texts(processor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """Right-padded ``input_ids, attention_mask [N, T]`` of plain texts (no chat template)."""
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts must be a non-empty sequence of strings")
+    encoded = [processor.tokenizer.encode(t) for t in texts]
+    empty = [t for t, ids in zip(texts, encoded) if not ids]
+    if empty:
+        raise ValueError(f"texts {empty[:3]} encode to no tokens; every text needs at least one")
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), processor.tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(encoded), width, dtype=torch.bool)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = True
+    return ids, mask
+
+
+def preprocess_images(processor, images: Sequence[Any]) -> Tensor:
+    """``[N, 3, H, W]`` encoder inputs: one global view per image (tiles are not used for retrieval).
+
+    ``images``: anything :func:`minivlm.vision.load_image` reads; an unreadable one raises
+    :class:`~minivlm.vision.ImageLoadError` naming it.
+    """
+    if isinstance(images, (str, Path)) or not images:
+        raise ValueError("images must be a non-empty sequence of images or paths")
+    return torch.stack([processor.image_processor(image).pixel_values[-1] for image in images])
+
+
+def _processor(model: VisionLanguageModel):
+    from minivlm.generate import processor_of
+
+    return processor_of(model)
+
+
+@torch.no_grad()
+def embed_images(model: VisionLanguageModel, images: Sequence[Any], batch_size: int = 64) -> Tensor:
+    """Unit-norm embeddings ``[N, E]`` (float32, CPU) of images or image paths."""
+    processor = _processor(model)
+    pixels = preprocess_images(processor, images)
+    return torch.cat([image_embeddings(model, pixels[i : i + batch_size]).float().cpu()
+                      for i in range(0, len(pixels), batch_size)])
+
+
+@torch.no_grad()
+def embed_texts(model: VisionLanguageModel, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+    """Unit-norm embeddings ``[N, E]`` (float32, CPU) of plain texts."""
+    processor = _processor(model)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = tokenize_texts(processor, texts[start : start + batch_size])
+        chunks.append(text_embeddings(model, ids, mask).float().cpu())
+    if not chunks:
+        raise ValueError("texts must be a non-empty sequence of strings")
+    return torch.cat(chunks)
+
+
+def rank(queries: Tensor, items: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+    """The ``k`` items most similar to each query (cosine similarity), best first.
+
+    Args:
+        queries: ``[E]`` or ``[Q, E]``; items: ``[N, E]``.
+        k: how many to return (None: all ``N``).
+
+    Returns:
+        ``(indices, scores)``, each ``[k]`` for one query or ``[Q, k]``.
+    """
+    single = queries.ndim == 1
+    queries = queries[None] if single else queries
+    if queries.ndim != 2 or items.ndim != 2 or queries.shape[1] != items.shape[1]:
+        raise ValueError(f"expected queries [Q, E] and items [N, E] of one width E, got {list(queries.shape)} "
+                         f"and {list(items.shape)}")
+    k = items.shape[0] if k is None else k
+    if not 1 <= k <= items.shape[0]:
+        raise ValueError(f"k must lie in [1, {items.shape[0]}] (the number of items), got {k}")
+    similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(items.float(), dim=-1).T
+    scores, indices = similarity.topk(k, dim=-1)
+    return (indices[0], scores[0]) if single else (indices, scores)
+
+
+# ---- training and evaluation --------------------------------------------------------------------------
+def contrastive_loss(model: VisionLanguageModel, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The head's contrastive loss over a batch of ``B`` matching (image, caption) pairs."""
+    head = retrieval_head_of(model)
+    return head.loss(image_embeddings(model, pixel_values), text_embeddings(model, input_ids, attention_mask))
+
+
+def image_and_caption(sample: dict[str, Any]) -> tuple[Any, str]:
+    """The image and caption of a retrieval sample (``"image"`` / ``"caption"`` keys, as
+    :class:`~minivlm.data.RetrievalDataset` yields)."""
+    if "image" not in sample or "caption" not in sample:
+        raise ValueError(f"sample {sample.get('id')!r} has no 'image' and 'caption'; retrieval needs image-caption "
+                         f"pairs (e.g. the 'retrieval' dataset)")
+    return sample["image"], sample["caption"]
+
+
+@dataclass
+class RetrievalTrainResult:
+    """Per-step losses of :func:`train_retrieval` (``generation`` is empty when not trained)."""
+
+    contrastive: list[float]
+    generation: list[float]
+
+
+def train_retrieval(model: VisionLanguageModel, dataset, steps: int, *, batch_size: int = 32, lr: float = 1e-3,
+                    weight_decay: float = 0.01, generation_weight: float = 0.0, config: RetrievalConfig | None = None,
+                    seed: int = 0) -> RetrievalTrainResult:
+    """A small AdamW loop on the contrastive loss, optionally plus captioning (``generation_weight``).
+
+    Attaches a head (``config``) when the model has none; a different ``config`` for an
+    attached head is an error. Each step draws ``batch_size``
+    distinct samples; with ``generation_weight > 0`` the loss adds that multiple of the
+    language-model loss on the samples' conversations, so one model learns to retrieve and to
+    describe at once. Every trainable parameter of the model and head is updated.
+
+    Args:
+        dataset: items with ``"image"`` and ``"caption"`` (and ``"messages"`` for generation).
+        steps, batch_size, lr, weight_decay: the optimisation (constant learning rate).
+        seed: the batch order.
+    """
+    if steps < 1 or batch_size < 2:
+        raise ValueError(f"need steps >= 1 and batch_size >= 2 (a contrastive batch needs negatives); "
+                         f"got steps={steps}, batch_size={batch_size}")
+    if not generation_weight >= 0:
+        raise ValueError(f"generation_weight must be >= 0, got {generation_weight}")
+    if len(dataset) < batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} samples, fewer than batch_size={batch_size}")
+    head = getattr(model, "retrieval_head", None)
+    if head is None:
+        attach_retrieval_head(model, config)
+    elif config is not None and config != head.config:
+        raise ValueError(f"the model already has a retrieval head with {head.config}; got config={config}")
+    processor = _processor(model)
+    # Matrices decay; gains, biases and the temperature do not (CLIP and GPT-2 practice).
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+    rng = random.Random(seed)
+    result = RetrievalTrainResult([], [])
+    was_training = model.training
+    model.train()
+    for step in range(steps):
+        samples = [dataset[i] for i in rng.sample(range(len(dataset)), batch_size)]
+        images, captions = zip(*(image_and_caption(s) for s in samples))
+        ids, mask = tokenize_texts(processor, captions)
+        loss = contrastive_loss(model, preprocess_images(processor, images), ids, mask)
+        result.contrastive.append(loss.item())
+        if generation_weight > 0:
+            batch = processor([s["messages"] for s in samples])
+            pixels = batch["pixel_values"]
+            generation = model(batch["input_ids"].to(model.device),
+                               pixel_values=None if pixels is None else pixels.to(model.device),
+                               labels=batch["labels"].to(model.device),
+                               attention_mask=batch["attention_mask"].to(model.device), return_logits=False).loss
+            result.generation.append(generation.item())
+            loss = loss + generation_weight * generation
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log.info("retrieval step %d/%d: contrastive loss %.4f", step + 1, steps, result.contrastive[-1])
+    model.train(was_training)
+    return result
+
+
+def evaluate_retrieval(model: VisionLanguageModel, dataset, *, limit: int | None = None,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image->text and text->image recall@k and ranks over the first ``limit`` pairs of ``dataset``.
+
+    Returns :func:`minivlm.eval.retrieval.retrieval_metrics`'s dict, plus ``"n"``.
+    """
+    from minivlm.eval.retrieval import retrieval_metrics
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:
+        raise ValueError("evaluate_retrieval needs at least one image-caption pair")
+    images, captions = zip(*(image_and_caption(dataset[i]) for i in range(n)))
+    metrics = retrieval_metrics(embed_images(model, images), embed_texts(model, list(captions)), ks=ks)
+    metrics["n"] = float(n)
+    return metrics
+
+
+__all__ = [
+    "HEAD_CONFIG_NAME",
+    "HEAD_WEIGHTS_NAME",
+    "RetrievalConfig",
+    "RetrievalHead",
+    "RetrievalTrainResult",
+    "attach_retrieval_head",
+    "clip_loss",
+    "contrastive_loss",
+    "embed_images",
+    "embed_texts",
+    "evaluate_retrieval",
+    "image_embeddings",
+    "load_pretrained",
+    "load_retrieval_head",
+    "rank",
+    "retrieval_head_of",
+    "save_pretrained",
+    "save_retrieval_head",
+    "siglip_loss",
+    "text_embeddings",
+    "train_retrieval",
+]
