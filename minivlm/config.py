@@ -133,6 +133,7 @@ class TrainConfig:
     max_minutes: float | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
+    fused_loss: bool = True  # LM head + cross-entropy in token chunks, no [tokens, vocab] logits (kernels/fused_ce.py)
     activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 0

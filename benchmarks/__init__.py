@@ -1,0 +1,1 @@
+"""minivlm benchmarks: run each as ``python -m benchmarks.<name>`` from the repository root (README.md)."""
