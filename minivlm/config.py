@@ -151,7 +151,7 @@ class TrainConfig:
 class DataConfig:
     """What to train on and how images and text are prepared."""
 
-    mixture: str = "easy_vqa:0.5,shapes:0.25,charts:0.1,multi_image:0.05,video:0.05,retrieval:0.05"
+    mixture: str = "easy_vqa:0.7,shapes:0.1,charts:0.05,multi_image:0.05,video:0.05,retrieval:0.05"
     resize: str = "resize"  # resize | letterbox | crop
     split_image: bool = False
     max_length: int = 256
@@ -365,12 +365,17 @@ def apply_overrides(cfg: VLMConfig, assignments: list[str]) -> VLMConfig:
 def _tiny() -> VLMConfig:
     # Trains on a 2-core CPU in minutes: 64 px images, 8 px patches -> 64 patches, pixel shuffle 2
     # -> 16 image tokens; ~2.7M parameters.
+    # The defaults are the main job's recipe (`minivlm train`): a conv stem for shape questions,
+    # single-turn samples (multi-turn dialogues let later answers be read off earlier ones, and
+    # the model then never learns to look), and a schedule fitted to a 7.5-minute budget.
     return VLMConfig(
         name="tiny",
-        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512),
+        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512, stem="conv"),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
         decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,
                               max_seq_len=512),
+        train=TrainConfig(lr=2e-3, batch_size=48, warmup_steps=30, steps=3000, max_minutes=7.5, save_every=500),
+        data=DataConfig(max_length=128),
     )
 
 

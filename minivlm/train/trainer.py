@@ -57,6 +57,10 @@ MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "positi
 _FILLER_SEARCH = 1000
 
 
+#: Steps timed before a time budget (``max_minutes``) fixes the schedule's length.
+BUDGET_CALIBRATION_STEPS = 20
+
+
 class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite losses, or another unrecoverable training state."""
 
@@ -308,6 +312,25 @@ class Trainer:
         return previous
 
     # ---- the loop --------------------------------------------------------------------------------
+    def _fit_schedule_to_budget(self, elapsed: float, max_minutes: float, start_step: int, bar) -> None:
+        """Shorten the schedule so its decay ends within the time budget.
+
+        Measured once, after :data:`BUDGET_CALIBRATION_STEPS` steps (inside the warmup, so no
+        decayed step changes): a run cut by the clock would otherwise stop at a high learning
+        rate. ``total_steps`` is checkpointed, so a resumed run keeps the fitted schedule.
+        """
+        per_step = elapsed / (self.step - start_step)
+        (remaining,) = self.dist.all_reduce_sums(max_minutes * 60 - elapsed)
+        # Plan for 97% of what is left: step times jitter, and a checkpoint write takes time too.
+        steps = self.step + int(0.97 * remaining / self.dist.world_size / per_step)
+        if steps < self.total_steps:
+            log.info("time budget %.1f min at %.2f s/step: schedule shortened from %d to %d steps",
+                     max_minutes, per_step, self.total_steps, steps)
+            self.total_steps = max(self.step + 1, steps)
+            if bar is not None:
+                bar.total = self.total_steps
+                bar.refresh()
+
     def fit(self, resume: bool = False, max_minutes: float | None = None) -> TrainResult:
         """Train until ``train.steps``, a signal, or the time budget; see :class:`TrainResult`.
 
@@ -328,12 +351,15 @@ class Trainer:
         history: list[dict[str, Any]] = []
         status, last_loss = "finished", float("nan")
         t_start, tokens_seen = time.perf_counter(), 0
+        start_step = self.step
         bar = self._progress_bar()
         self.model.train()
         try:
             while self.step < self.total_steps:
                 record = self._train_step(batches)
                 record["elapsed_s"] = time.perf_counter() - t_start
+                if max_minutes is not None and self.step - start_step == BUDGET_CALIBRATION_STEPS:
+                    self._fit_schedule_to_budget(record["elapsed_s"], max_minutes, start_step, bar)
                 tokens_seen += record.pop("tokens")
                 if record["loss"] is not None and "skipped" not in record:
                     last_loss = record["loss"]

@@ -117,3 +117,15 @@ def test_unrenderable_samples_are_counted_and_an_empty_micro_batch_is_skipped(tm
     assert sum(result.skipped_samples.values()) == 4
     assert all("no supervised token left" in reason for reason in result.skipped_samples)
     assert all(h["loss"] is not None for h in result.history)
+
+
+def test_a_time_budget_shortens_the_schedule_so_the_decay_finishes(tmp_path, monkeypatch):
+    import minivlm.train.trainer as trainer_module
+
+    trainer = _trainer(tmp_path, "train.steps=1000", "train.save_every=0", "train.warmup_steps=30")
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: trainer.step * 3.0)  # 3 s per step
+    result = trainer.fit(max_minutes=5.0)
+    # Calibrated after BUDGET_CALIBRATION_STEPS steps, the schedule ends before the clock runs out.
+    assert trainer_module.BUDGET_CALIBRATION_STEPS < trainer.total_steps < 1000
+    assert result.status == "finished" and result.steps == trainer.total_steps
+    assert trainer.optimizer.param_groups[0]["lr"] < trainer.tcfg.lr * 0.2  # decayed to near min_lr
