@@ -49,7 +49,9 @@ def benchmark_config(small: bool) -> VLMConfig:
     """``nanovlm-460m``, or ``tiny`` with the peer's connector and activation for ``small``."""
     if not small:
         return preset("nanovlm-460m")
-    return preset("tiny").override("projector.depth=1", "projector.bias=false", "encoder.activation=gelu_tanh")
+    # Idefics3's vision tower has a plain patch embedding, so the comparison uses one too.
+    return preset("tiny").override("projector.depth=1", "projector.bias=false", "encoder.activation=gelu_tanh",
+                                   "encoder.stem=patch")
 
 
 def idefics3_config(config: VLMConfig) -> Any:
