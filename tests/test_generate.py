@@ -43,7 +43,7 @@ from minivlm.train.recipe import attach_tokenizer, build_processor, build_tokeni
 
 FUSIONS = ("splice", "prefix", "cross_attention")
 TINY = (
-    "encoder.image_size=48", "encoder.patch_size=12", "encoder.width=32", "encoder.depth=1", "encoder.n_heads=2",
+    "encoder.image_size=48", "encoder.patch_size=12", "encoder.stem=patch", "encoder.width=32", "encoder.depth=1", "encoder.n_heads=2",
     "encoder.mlp_dim=64", "decoder.width=32", "decoder.n_layers=2", "decoder.n_heads=2", "decoder.n_kv_heads=1",
     "decoder.mlp_dim=64", "decoder.max_seq_len=160", "data.max_length=160", "data.video_frames=3",
 )

@@ -25,7 +25,7 @@ IMAGE_SIZE = 48  # the smallest size the procedural datasets render legibly
 
 #: encoder 48 px / 12 px patches = 4x4 grid, pixel shuffle 2 -> 4 image tokens; one layer each.
 TINY_OVERRIDES = (
-    f"encoder.image_size={IMAGE_SIZE}", "encoder.patch_size=12", "encoder.width=32", "encoder.depth=1",
+    f"encoder.image_size={IMAGE_SIZE}", "encoder.patch_size=12", "encoder.stem=patch", "encoder.width=32", "encoder.depth=1",
     "encoder.n_heads=2", "encoder.mlp_dim=64",
     "decoder.width=32", "decoder.n_layers=1", "decoder.n_heads=2", "decoder.n_kv_heads=1", "decoder.mlp_dim=64",
     "decoder.max_seq_len=128", "data.max_length=64",
