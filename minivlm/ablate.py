@@ -67,6 +67,8 @@ ERROR_FILE = "error.json"
 DEFAULT_EVAL_LOSS_SAMPLES = 200
 #: Training samples rendered to estimate tokens per step for a token budget.
 TOKEN_ESTIMATE_SAMPLES = 256
+#: Bar-chart panels drawn by default before falling back to the headline metrics only.
+MAX_DEFAULT_PANELS = 9
 #: Fraction of the final steps whose logged losses are averaged into "final train loss".
 FINAL_LOSS_FRACTION = 0.1
 
@@ -146,7 +148,7 @@ class AblationGrid:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "grid") -> "AblationGrid":
+    def from_dict(cls, raw: Any, source: str = "grid") -> AblationGrid:
         """Parse and check a grid mapping; every problem raises :class:`GridError`."""
         if not isinstance(raw, dict):
             raise GridError(f"{source}: expected a mapping of {list(_GRID_KEYS)}, got {type(raw).__name__}")
@@ -168,7 +170,7 @@ class AblationGrid:
         return grid
 
     @classmethod
-    def load(cls, path: str | Path) -> "AblationGrid":
+    def load(cls, path: str | Path) -> AblationGrid:
         """Read a ``.yaml`` / ``.yml`` / ``.json`` grid file."""
         path = Path(path)
         if not path.is_file():
@@ -197,7 +199,7 @@ class AblationGrid:
         d["axes"] = {k: list(v) for k, v in self.axes.items()}
         return d
 
-    def with_axes(self, assignments: Sequence[str]) -> "AblationGrid":
+    def with_axes(self, assignments: Sequence[str]) -> AblationGrid:
         """A copy with ``key=a,b,c`` command-line axes added (replacing an axis of the same key)."""
         axes = dict(self.axes)
         for item in assignments:
@@ -209,11 +211,11 @@ class AblationGrid:
         grid.check()
         return grid
 
-    def with_seeds(self, n: int) -> "AblationGrid":
+    def with_seeds(self, n: int) -> AblationGrid:
         """A copy running seeds ``0 .. n-1``."""
         return replace(self, seeds=_parse_seeds(n, "--seeds"))
 
-    def with_budget(self, steps: int | None = None, eval_limit: int | None = None) -> "AblationGrid":
+    def with_budget(self, steps: int | None = None, eval_limit: int | None = None) -> AblationGrid:
         """A copy with another step budget (replacing a token budget) and/or evaluation limit."""
         changes: dict[str, Any] = {}
         if steps is not None:
@@ -225,7 +227,8 @@ class AblationGrid:
     def check(self) -> None:
         """Fail early (before hours of training) on a bad preset, override or axis value."""
         if self.steps is not None and self.tokens is not None:
-            raise GridError(f"grid {self.name!r}: give one budget, steps ({self.steps}) or tokens ({self.tokens}), not both")
+            raise GridError(f"grid {self.name!r}: give one budget, steps ({self.steps}) or tokens "
+                            f"({self.tokens}), not both")
         cfg = self.base_config()
         for key, values in self.axes.items():
             for value in values:
@@ -248,7 +251,7 @@ class AblationGrid:
     def variants(self) -> list[Variant]:
         """The Cartesian product of the axes, first axis slowest."""
         keys = list(self.axes)
-        return [Variant(tuple(zip(keys, values))) for values in itertools.product(*self.axes.values())]
+        return [Variant(tuple(zip(keys, values, strict=True))) for values in itertools.product(*self.axes.values())]
 
     def variant_config(self, variant: Variant, seed: int) -> VLMConfig:
         """The full config of one run. Raises ConfigError for an invalid combination."""
@@ -336,7 +339,8 @@ def check_output_dir(grid: AblationGrid, out_dir: Path) -> None:
         return
     previous = json.loads(path.read_text())
     current = grid.to_dict()
-    changed = [f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in _BUDGET_KEYS if previous.get(k) != current.get(k)]
+    changed = [f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in _BUDGET_KEYS
+               if previous.get(k) != current.get(k)]
     base_path = out_dir / BASE_CONFIG_FILE
     if base_path.is_file():
         before, now = _flatten(json.loads(base_path.read_text())), _flatten(grid.base_config().to_dict())
@@ -415,7 +419,8 @@ def plan_runs(grid: AblationGrid, out_dir: str | Path) -> list[PlannedRun]:
             try:
                 cfg = grid.variant_config(variant, seed)
                 if grid.tokens is not None:
-                    cfg.train.steps = steps_for_tokens(grid.tokens, estimate_tokens_per_step(cfg, tokenizer_cache=tokenizers))
+                    per_step = estimate_tokens_per_step(cfg, tokenizer_cache=tokenizers)
+                    cfg.train.steps = steps_for_tokens(grid.tokens, per_step)
             except ValueError as err:  # ConfigError included: an invalid combination of axis values
                 plans.append(PlannedRun(variant, seed, run_dir, None, f"{type(err).__name__}: {err}"))
                 continue
@@ -580,7 +585,7 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
     train, _ = read_metrics(run_dir)
     curve = [(r["step"], r["loss"]) for r in train if r.get("loss") is not None]
     steps = int(evaluation.get("steps") or (curve[-1][0] if curve else 0))
-    final = [loss for step, loss in curve if step > (1 - FINAL_LOSS_FRACTION) * steps] or [loss for _, loss in curve[-1:]]
+    final = [loss for step, loss in curve if step > (1 - FINAL_LOSS_FRACTION) * steps] or [c[1] for c in curve[-1:]]
     rates = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
     eval_loss = None
     if (run_dir / EVAL_LOSS_FILE).is_file():
@@ -846,7 +851,7 @@ def loss_curves_figure(summaries: Sequence[VariantSummary]):
 
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    for color, s in zip(_colors(len(summaries)), summaries):
+    for color, s in zip(_colors(len(summaries)), summaries, strict=True):
         runs = [r for r in s.finished if r.curve]
         if runs:
             steps, losses = _smoothed_mean_curve(runs)
@@ -866,11 +871,16 @@ def loss_curves_figure(summaries: Sequence[VariantSummary]):
 def metric_bars_figure(summaries: Sequence[VariantSummary], metrics: Sequence[str] | None = None):
     """One horizontal bar chart per metric, error bars = std over seeds; returns a ``Figure``.
 
-    ``metrics`` defaults to the headline metrics plus ``eval_loss``.
+    ``metrics`` defaults to every metric plus ``eval_loss`` when that makes at most
+    :data:`MAX_DEFAULT_PANELS` panels (per-question-type accuracy is where a blind model shows),
+    else to the headline metrics plus ``eval_loss``.
     """
     from matplotlib.figure import Figure
 
-    names = list(metrics) if metrics is not None else headline_metrics(summaries) + ["eval_loss"]
+    if metrics is None:
+        every = headline_metrics(summaries) + detail_metrics(summaries) + ["eval_loss"]
+        metrics = every if len(every) <= MAX_DEFAULT_PANELS else headline_metrics(summaries) + ["eval_loss"]
+    names = list(metrics)
     cols = min(3, max(1, len(names)))
     rows = math.ceil(len(names) / cols) if names else 1
     fig = Figure(figsize=(4.2 * cols, 0.28 * len(summaries) * rows + 1.6 * rows))
@@ -884,7 +894,7 @@ def metric_bars_figure(summaries: Sequence[VariantSummary], metrics: Sequence[st
         errors = [st[1] if st else 0.0 for st in stats]
         ax.barh(range(len(summaries)), means, xerr=errors, color=colors, capsize=3)
         if name != "eval_loss":  # accuracies on a common 0..1 scale; CIDEr may exceed 1
-            ax.set_xlim(0, max([1.0] + [m + e for m, e in zip(means, errors)]))
+            ax.set_xlim(0, max([1.0] + [m + e for m, e in zip(means, errors, strict=True)]))
         ax.set_yticks(range(len(summaries)), labels if i % cols == 0 else [""] * len(labels), fontsize=7)
         ax.invert_yaxis()
         ax.set_title(name, fontsize=9)
