@@ -252,7 +252,7 @@ class Explanation:
                   (self.decoder_map, f"decoder: answer -> image tokens{share}"),
                   (self.encoder_map, "encoder attention rollout"),
                   (self.flow_map, "answer -> pixels\n(decoder through rollout)")]
-        for ax, (heat, title) in zip(axes, panels):
+        for ax, (heat, title) in zip(axes, panels, strict=True):
             ax.imshow(self.image)
             if heat is not None:
                 # vmin 0, so an even map looks even instead of min-max stretched noise; nearest
@@ -339,7 +339,8 @@ def explain(model, image: Any, question: str, *, processor=None, answer: str | N
         raise ExplainError(f"explain needs one view per image; the processor made {rendered.pixel_values.shape[0]} "
                            f"(image splitting is on)")
     tok = processor.tokenizer
-    queries = _answer_queries(rendered.input_ids, rendered.labels, {i for i in (tok.im_end_id, tok.eos_id) if i is not None})
+    end_ids = {i for i in (tok.im_end_id, tok.eos_id) if i is not None}
+    queries = _answer_queries(rendered.input_ids, rendered.labels, end_ids)
     input_ids = torch.tensor([rendered.input_ids], device=model.device)
     was_training = model.training
     model.eval()

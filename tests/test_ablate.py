@@ -15,8 +15,9 @@ from minivlm import ablate
 from minivlm.ablate import AblationGrid, GridError, Variant, plan_runs, run_ablation, write_report
 from minivlm.cli import main
 
-#: A model and data small enough that one run (train + eval) takes a few seconds on 2 cores:
-#: 48 px images (the smallest the shape scenes render) in 12 px patches (16 patches; pixel shuffle -> 4 image tokens), one layer each.
+#: A model and data small enough that one run (train + eval) takes a few seconds on 2 cores: 48 px
+#: images (the smallest the shape scenes render) in 12 px patches (16 patches; pixel shuffle -> 4
+#: image tokens), one layer each.
 MICRO = {
     "encoder.image_size": 48, "encoder.patch_size": 12, "encoder.width": 32, "encoder.depth": 1,
     "encoder.n_heads": 2, "encoder.mlp_dim": 64, "encoder.stem": "patch",
@@ -229,7 +230,8 @@ def test_a_failing_variant_is_recorded_and_the_sweep_goes_on(tmp_path):
         return recipe_run(cfg, run_dir, **kw)
 
     outcome = run_ablation(grid, tmp_path, runner=runner)
-    bad, good = "projector=pixel_shuffle__projector.shuffle_factor=3", "projector=pixel_shuffle__projector.shuffle_factor=2"
+    bad = "projector=pixel_shuffle__projector.shuffle_factor=3"
+    good = "projector=pixel_shuffle__projector.shuffle_factor=2"
     assert calls == [2]
     assert outcome.ran == [f"{good}/seed_0"]
     assert "does not divide the 4x4 patch grid" in outcome.failed[f"{bad}/seed_0"]

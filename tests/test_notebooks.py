@@ -39,4 +39,4 @@ def test_notebook_is_stored_without_outputs(path):
     nbformat.validate(notebook)
     for cell in notebook.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip the outputs before committing"
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip its outputs"

@@ -29,6 +29,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     model = VisionLanguageModel.from_pretrained(args.model)
     result = explain(model, str(image), args.question, max_new_tokens=args.max_new_tokens)
     out = result.save(Path(args.out) if args.out else Path(f"{image.stem}_explain.png"))
-    share = "" if result.image_attention_share is None else f" ({result.image_attention_share:.0%} of the answer's attention on the image)"
+    share = result.image_attention_share
+    share = "" if share is None else f" ({share:.0%} of the answer's attention on the image)"
     print(f"Q: {args.question}\nA: {result.answer}{share}\nwrote {out}")
     return 0
