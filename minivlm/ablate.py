@@ -19,8 +19,10 @@ Axis keys are anything :func:`minivlm.config.apply_overrides` accepts: a part na
 
 Fairness: every variant of a seed trains on the same data in the same order from the same
 initial RNG state, for the same number of steps (or, with ``tokens``, the same number of
-training tokens), and is scored on the same test samples. Each run goes through
-:func:`minivlm.train.recipe.run` into ``OUT/<variant>/seed_<s>/``.
+training tokens), and is scored on the same test samples; a preset's wall-clock limit
+(``train.max_minutes``) is switched off. Each run goes through :func:`minivlm.train.recipe.run`
+into ``OUT/<variant>/seed_<s>/``, plus ``eval_loss.json`` and ``run_info.json`` (date, machine,
+wall time).
 
 Resumable: a run is finished when its ``eval.json`` exists and is then skipped; an unfinished
 run continues from its newest checkpoint. A variant that raises is recorded (``error.json``,
@@ -46,6 +48,7 @@ import platform
 import re
 import shutil
 import statistics
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -63,6 +66,7 @@ BASE_CONFIG_FILE = "base_config.json"  # the preset + data + overrides the runs 
 EVAL_FILE = "eval.json"
 EVAL_LOSS_FILE = "eval_loss.json"
 ERROR_FILE = "error.json"
+RUN_INFO_FILE = "run_info.json"  # when, where and how long a run took: tok/s mean little without it
 #: Test samples per task for the teacher-forced evaluation loss when the grid sets no eval_limit.
 DEFAULT_EVAL_LOSS_SAMPLES = 200
 #: Training samples rendered to estimate tokens per step for a token budget.
@@ -500,6 +504,7 @@ def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -
         # A run that died before its first checkpoint restarts from step 0: drop its log so the
         # new run's records do not follow stale ones.
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    started = time.perf_counter()
     try:
         out = runner(plan.config, run_dir, resume=True, eval_limit=grid.eval_limit, progress=False)
         if out.status == "interrupted":
@@ -507,6 +512,10 @@ def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -
         write_eval_loss(run_dir, grid.eval_limit or DEFAULT_EVAL_LOSS_SAMPLES)
     except Exception as err:  # a failed variant must not end the sweep: record it and go on
         return "failed", _record_failure(run_dir, f"{type(err).__name__}: {err}", traceback.format_exc())
+    (run_dir / RUN_INFO_FILE).write_text(json.dumps({
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_description(),
+        # Of this invocation only: a resumed run's earlier part is not included.
+        "wall_seconds": round(time.perf_counter() - started, 1)}) + "\n")
     # The final model is in model/; the training state only served resumption.
     shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     return "finished", ""
@@ -571,6 +580,7 @@ class RunRecord:
     eval_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # run_info.json: finished, machine, wall_seconds
 
 
 def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
@@ -590,12 +600,13 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
     eval_loss = None
     if (run_dir / EVAL_LOSS_FILE).is_file():
         eval_loss = json.loads((run_dir / EVAL_LOSS_FILE).read_text())["eval_loss"]
+    info = json.loads((run_dir / RUN_INFO_FILE).read_text()) if (run_dir / RUN_INFO_FILE).is_file() else {}
     return RunRecord(
         variant, seed, "finished", steps=steps,
         # The median step rate: robust to the odd step slowed by a checkpoint or a busy machine.
         tokens_per_s=statistics.median(rates) if rates else None,
         final_loss=statistics.fmean(final) if final else None, eval_loss=eval_loss,
-        metrics=dict(evaluation["metrics"]), curve=curve)
+        metrics=dict(evaluation["metrics"]), curve=curve, info=info)
 
 
 @dataclass(frozen=True)
@@ -715,16 +726,15 @@ def write_report(grid: AblationGrid, out_dir: str | Path) -> dict[str, Path]:
 
 def _write_runs_csv(summaries: Sequence[VariantSummary], path: Path) -> Path:
     metrics = sorted({k for s in summaries for r in s.runs for k in r.metrics})
-    columns = ["variant", "seed", "status", "steps", "tokens_per_s", "final_loss", "eval_loss",
-               *metrics, "error"]
+    fields = ["variant", "seed", "status", "steps", "tokens_per_s", "final_loss", "eval_loss"]
+    info = ["finished", "wall_seconds", "machine"]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=[*fields, *metrics, *info, "error"])
         writer.writeheader()
         for s in summaries:
             for r in s.runs:
-                row = {k: getattr(r, k) for k in columns if hasattr(r, k) and k != "metrics"}
-                row.update(r.metrics)
-                writer.writerow(row)
+                writer.writerow({**{k: getattr(r, k) for k in fields}, **r.metrics,
+                                 **{k: r.info.get(k) for k in info}, "error": r.error})
     return path
 
 
@@ -777,7 +787,7 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
     lines = [
         f"# Ablation `{grid.name}`",
         "",
-        f"- date: {datetime.date.today().isoformat()}; machine: {machine_description()}",
+        _conditions_line(summaries),
         f"- base preset `{grid.base}`, data `{grid.base_config().data.mixture}`, budget {budget}, "
         f"seeds {list(grid.seeds)}, eval limit {grid.eval_limit or 'full test split'}",
         f"- fixed overrides: {', '.join(f'`{o}`' for o in grid.overrides) or 'none'}",
@@ -820,6 +830,18 @@ def _shape_cells(shape: VariantShape) -> list[str]:
     tokens = (f"{shape.image_tokens}" if shape.image_seq_len == shape.image_tokens
               else f"{shape.image_tokens} ({shape.image_seq_len} in text)")
     return [f"{shape.params / 1e6:.2f}M", f"{shape.flops_per_sample / 1e9:.3f}", tokens]
+
+
+def _conditions_line(summaries: Sequence[VariantSummary]) -> str:
+    """When and where the finished runs were made, and their total wall time."""
+    infos = [r.info for s in summaries for r in s.finished if r.info]
+    if not infos:
+        return "- runs: none finished yet" if not any(s.finished for s in summaries) else "- runs: not recorded"
+    dates = sorted(i["finished"][:10] for i in infos)
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    machines = "; ".join(sorted({i["machine"] for i in infos}))
+    minutes = sum(i["wall_seconds"] for i in infos) / 60
+    return f"- runs finished {when} on {machines}; {minutes:.0f} min of wall time for {len(infos)} runs"
 
 
 def _runs_cell(s: VariantSummary, n_seeds: int) -> str:

@@ -92,8 +92,11 @@ def summarize(model_or_config: VisionLanguageModel | VLMConfig, text_tokens: int
         meta_model = VisionLanguageModel(config)
     model = meta_model if isinstance(model_or_config, VLMConfig) else model_or_config
     cfg = model.config
+    trainable = {p: model.num_parameters(p, trainable_only=True) for p in PARTS}
+    # Frozen for counting: a view of a parameter taken under no_grad (the resampler's expanded
+    # latents) still requires grad but has no grad_fn, which FlopCounterMode's tracker rejects.
+    meta_model.requires_grad_(False)
     flops = count_flops(meta_model, text_tokens)
-    parts = [PartSummary(p, getattr(cfg, p).kind, model.num_parameters(p), model.num_parameters(p, trainable_only=True),
-                         flops[p]) for p in PARTS]
+    parts = [PartSummary(p, getattr(cfg, p).kind, model.num_parameters(p), trainable[p], flops[p]) for p in PARTS]
     return ModelSummary(cfg.name, parts, cfg.image_tokens, cfg.image_seq_len, text_tokens,
                         model.num_parameters(), sum(flops.values()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -164,7 +165,10 @@ def test_sweep_writes_tables_and_plots_and_a_rerun_skips_finished_runs(tmp_path,
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["wall_seconds"] > 0 and ("CPU" in info["machine"] or "GPU" in info["machine"])
     md = (out / "results.md").read_text()
+    assert re.search(r"- runs finished \d{4}-\d\d-\d\d on .*; \d+ min of wall time for 2 runs", md)
     assert "| projector | params | GFLOP/sample | image tokens |" in md
     assert "| linear |" in md and "| pixel_shuffle |" in md and "shapes/accuracy" in md
 
@@ -294,6 +298,7 @@ def test_results_are_mean_and_std_over_seeds(tmp_path):
     shuffle = rows["projector=pixel_shuffle"]
     assert (shuffle["finished_seeds"], shuffle["shapes/accuracy_std"]) == ("1", "0.0")
     md = paths["results_md"].read_text()
+    assert "- runs: not recorded" in md  # these runs carry no run_info.json
     assert "| linear |" in md and "0.300 ± 0.141" in md and "| 2/2 |" in md and "| 1/2 |" in md
     assert "Per question type:" in md and "shapes/count" in md
 

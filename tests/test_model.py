@@ -240,3 +240,9 @@ def test_tiny_preset_is_tiny():
     assert s.total_params <= 5_000_000
     assert 20e6 <= summarize(preset("small")).total_params <= 40e6
     assert s.total_flops > 0 and all(p.forward_flops > 0 for p in s.parts if p.part != "fusion")
+
+
+def test_summary_counts_every_projector_including_the_resampler():
+    s = summarize(preset("tiny").override("projector=resampler"))
+    proj = next(p for p in s.parts if p.part == "projector")
+    assert proj.forward_flops > 0 and proj.trainable == proj.params > 0

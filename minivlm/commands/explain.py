@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minivlm.commands import add_model_arguments, load_model
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -12,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate the answer, then draw where the answer tokens attended on the image (decoder "
                     "attention mapped back to patches) and the encoder's attention rollout.")
     p.add_argument("question", help="the question, e.g. \"what shape is in the image?\"")
-    p.add_argument("--model", required=True, help="checkpoint directory (e.g. runs/tiny/model)")
+    add_model_arguments(p)
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", help="PNG to write (default: <image name>_explain.png in the current directory)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -21,12 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from minivlm.explain import explain
-    from minivlm.model import VisionLanguageModel
 
     image = Path(args.image)
     if not image.is_file():
         raise FileNotFoundError(f"image {image} does not exist")
-    model = VisionLanguageModel.from_pretrained(args.model)
+    model = load_model(args)
     result = explain(model, str(image), args.question, max_new_tokens=args.max_new_tokens)
     out = result.save(Path(args.out) if args.out else Path(f"{image.stem}_explain.png"))
     share = result.image_attention_share
