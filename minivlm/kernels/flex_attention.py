@@ -15,7 +15,7 @@ in-place tensor versions, and ``(B, T, S, device)``).
 Compilation: on CUDA the kernel is ``torch.compile(flex_attention)``; without compilation flex
 materialises the score matrix. On CPU the eager path is used: compiling flex for CPU generates
 and builds C++ for minutes per shape, and the CPU backend is here for correctness checks and
-small runs only (its backward raises NotImplementedError on CPU).
+small runs only (PyTorch implements its backward on CUDA only).
 
 Rows that allow nothing: :meth:`AttentionMask.dense` gives such causal rows their own position as
 the only key; flex returns 0 for them, so their output is patched to ``v[q_pos]`` afterwards

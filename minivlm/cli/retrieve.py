@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from minivlm.commands import add_model_arguments, load_model
+from minivlm.cli.common import add_model_arguments, load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from minivlm.commands import add_model_arguments, load_model
+from minivlm.cli.common import add_model_arguments, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

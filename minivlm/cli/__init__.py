@@ -1,4 +1,8 @@
-"""Command line: ``minivlm summary | demo | ...``. Only this module prints."""
+"""Command line: ``minivlm train | chat | eval | ...``. Only this package prints.
+
+The core commands live here; larger ones are modules of this package (``chat``, ``evaluate``,
+``retrieve``, ``ablate``, ``explain``), each exposing ``register(subparsers)``.
+"""
 
 from __future__ import annotations
 
@@ -107,13 +111,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Modules that add their own subcommand: each has ``register(subparsers)``.
+#: Modules of this package that add their own subcommand with ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "minivlm.commands.ablate",
-    "minivlm.commands.explain",
-    "minivlm.commands.chat",
-    "minivlm.commands.evaluate",
-    "minivlm.commands.retrieve",
+    "minivlm.cli.ablate",
+    "minivlm.cli.explain",
+    "minivlm.cli.chat",
+    "minivlm.cli.evaluate",
+    "minivlm.cli.retrieve",
 )
 
 

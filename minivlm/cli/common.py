@@ -1,8 +1,4 @@
-"""Subcommands that live in their own modules; each exposes ``register(subparsers)``.
-
-Shared by the inference commands (``chat``, ``eval``, ``retrieve``): loading a checkpoint
-directory and the sampling options.
-"""
+"""What the subcommands share: loading a checkpoint directory and the sampling options."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from minivlm.commands import add_generation_arguments, add_model_arguments, generation_options, load_model
+from minivlm.cli.common import add_generation_arguments, add_model_arguments, generation_options, load_model
 
 EXIT_WORDS = ("exit", "quit")
 
