@@ -28,7 +28,6 @@ the module that made the call (``decoder.layers.2.attn``, ``encoder.blocks.0.att
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from minivlm.layers.attention import BACKENDS, AttentionMask
+from minivlm.layers.attention import BACKENDS, AttentionMask, math_attention
 from minivlm.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -58,18 +57,6 @@ class ExplainError(ValueError):
 
 
 # ---- capturing attention probabilities ---------------------------------------------------------
-
-
-def attention_probabilities(q: Tensor, k: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
-    """Softmax attention weights ``[B, Hq, T, S]`` in fp32, as :func:`~minivlm.layers.attention.math_attention`
-    computes them (grouped-query keys repeated; rows with no allowed key are all zero)."""
-    Hq, Hkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
-    scores = scores.masked_fill(~mask.dense(T, S, q.device), float("-inf"))
-    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
 @dataclass
@@ -110,12 +97,11 @@ def record_attention(model: nn.Module) -> Iterator[AttentionRecorder]:
     recorder = AttentionRecorder()
     running: list[str] = []
 
-    def recording_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
-        probs = attention_probabilities(q, k, mask, scale)
+    def keep(probs: Tensor) -> None:
         recorder.records.append(AttentionRecord(running[-1] if running else "", probs.detach().cpu()))
-        if v.shape[1] != q.shape[1]:
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        return torch.einsum("bhts,bhsd->bhtd", probs, v.float()).to(q.dtype)
+
+    def recording_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
+        return math_attention(q, k, v, mask, scale, weights_hook=keep)
 
     def entering(name: str):
         def hook(_module: nn.Module, _args: Any) -> None:

@@ -162,19 +162,28 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
-    """Reference attention: explicit scores, fp32 softmax. Returns ``[B, Hq, T, Dh]`` in q's dtype."""
-    B, Hq, T, D = q.shape
-    S, Hkv = k.shape[2], k.shape[1]
-    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+def attention_weights(q: Tensor, k: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
+    """Softmax attention weights ``[B, Hq, T, S]`` in fp32 (rows with no allowed key are all zero)."""
+    Hq, Hkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
-        v = v.repeat_interleave(Hq // Hkv, dim=1)
     scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
-    allowed = mask.dense(T, S, q.device)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no allowed key (cross-attention) -> 0
+    scores = scores.masked_fill(~mask.dense(T, S, q.device), float("-inf"))
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # empty rows (cross-attention) -> 0
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None, *,
+                   weights_hook: Callable[[Tensor], None] | None = None) -> Tensor:
+    """Reference attention: explicit scores, fp32 softmax. Returns ``[B, Hq, T, Dh]`` in q's dtype.
+
+    ``weights_hook`` receives the ``[B, Hq, T, S]`` weights (attention maps, ``minivlm.explain``).
+    """
+    probs = attention_weights(q, k, mask, scale)
+    if weights_hook is not None:
+        weights_hook(probs)
+    if v.shape[1] != q.shape[1]:
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return torch.einsum("bhts,bhsd->bhtd", probs, v.float()).to(q.dtype)
 
 

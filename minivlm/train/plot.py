@@ -39,15 +39,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     Steps without a loss (skipped for a non-finite loss) are left out of the curve.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure draws without pyplot: no process-wide backend switch (a notebook that trains
+    # keeps showing its own plots inline), nothing to close; as ablate and explain do.
+    from matplotlib.figure import Figure
 
     train, evals = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if evals else 6, 4))
+    ax = fig.subplots(1, 2 if evals else 1, squeeze=False)
     points = [(r["step"], r["loss"]) for r in train if r.get("loss") is not None]
     steps, losses = [s for s, _ in points], [v for _, v in points]
     ax[0, 0].plot(steps, losses, alpha=0.35, label="loss")
@@ -66,5 +66,4 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax[0, 1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
