@@ -32,21 +32,15 @@ from minivlm.retrieval import (
     train_retrieval,
 )
 from minivlm.train.recipe import attach_tokenizer, build_processor, build_tokenizer
+from tinykit import TINY_PARTS
 
-TINY = (
-    "encoder.image_size=48", "encoder.patch_size=12", "encoder.stem=patch", "encoder.width=32", "encoder.depth=1", "encoder.n_heads=2",
-    "encoder.mlp_dim=64", "decoder.width=32", "decoder.n_layers=1", "decoder.n_heads=2", "decoder.n_kv_heads=1",
-    "decoder.mlp_dim=64", "decoder.max_seq_len=128", "data.max_length=96",
+TINY = TINY_PARTS + (
+    "decoder.n_layers=1", "decoder.max_seq_len=128", "data.max_length=96",
 )
 TEST_PAIRS = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,22 +40,15 @@ from minivlm.generate import (
 )
 from minivlm.model import VisionLanguageModel
 from minivlm.train.recipe import attach_tokenizer, build_processor, build_tokenizer
+from tinykit import TINY_PARTS
 
 FUSIONS = ("splice", "prefix", "cross_attention")
-TINY = (
-    "encoder.image_size=48", "encoder.patch_size=12", "encoder.stem=patch", "encoder.width=32", "encoder.depth=1", "encoder.n_heads=2",
-    "encoder.mlp_dim=64", "decoder.width=32", "decoder.n_layers=2", "decoder.n_heads=2", "decoder.n_kv_heads=1",
-    "decoder.mlp_dim=64", "decoder.max_seq_len=160", "data.max_length=160", "data.video_frames=3",
+TINY = TINY_PARTS + (
+    "decoder.n_layers=2", "decoder.max_seq_len=160", "data.max_length=160", "data.video_frames=3",
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread, and results do not depend on the thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

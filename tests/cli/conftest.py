@@ -12,16 +12,16 @@ from minivlm.data import build_dataset
 from minivlm.model import VisionLanguageModel
 from minivlm.retrieval import attach_retrieval_head, load_pretrained, save_pretrained
 from minivlm.train.recipe import attach_tokenizer, build_processor, build_tokenizer
+from tinykit import TINY_PARTS
 
-TINY = (
-    "encoder.image_size=48", "encoder.patch_size=12", "encoder.stem=patch", "encoder.width=32", "encoder.depth=1", "encoder.n_heads=2",
-    "encoder.mlp_dim=64", "decoder.width=32", "decoder.n_layers=2", "decoder.n_heads=2", "decoder.n_kv_heads=1",
-    "decoder.mlp_dim=64", "decoder.max_seq_len=256", "data.max_length=256", "data.video_frames=3",
+TINY = TINY_PARTS + (
+    "decoder.n_layers=2", "decoder.max_seq_len=256", "data.max_length=256", "data.video_frames=3",
 )
 
 
 @pytest.fixture(autouse=True, scope="package")
 def _one_thread():
+    """Package scope (the package-scoped checkpoint below is built on it); see tests/conftest.py."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

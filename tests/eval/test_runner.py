@@ -17,20 +17,14 @@ from minivlm.generate import continuation_logprobs
 from minivlm.model import VisionLanguageModel
 from minivlm.retrieval import attach_retrieval_head
 from minivlm.train.recipe import attach_tokenizer, build_processor, build_tokenizer
+from tinykit import TINY_PARTS
 
-TINY = (
-    "encoder.image_size=48", "encoder.patch_size=12", "encoder.stem=patch", "encoder.width=32", "encoder.depth=1", "encoder.n_heads=2",
-    "encoder.mlp_dim=64", "decoder.width=32", "decoder.n_layers=1", "decoder.n_heads=2", "decoder.n_kv_heads=1",
-    "decoder.mlp_dim=64", "decoder.max_seq_len=256", "data.max_length=256", "data.video_frames=2",
+TINY = TINY_PARTS + (
+    "decoder.n_layers=1", "decoder.max_seq_len=256", "data.max_length=256", "data.video_frames=2",
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

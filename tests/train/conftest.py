@@ -6,13 +6,8 @@ slower. The bitwise resume tests also need a fixed thread count (reduction order
 """
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_thread):
     """Module scope, so module-scoped fixtures (trained models shared by tests) run on it too."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
