@@ -78,18 +78,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or cfg.name)
     out = run(cfg, run_dir, resume=args.resume, max_minutes=args.max_minutes, eval_limit=args.eval_limit,
               progress=not args.no_progress)
-    if out.metrics:
-        from minivlm.eval.runner import EvalReport
-
-        counts = json.loads((run_dir / "eval.json").read_text())["counts"]
+    if out.report is not None:
         print(f"\ntrained {out.steps} steps in {out.train_seconds:.0f} s ({out.status}); "
               f"evaluated in {out.eval_seconds:.0f} s\n")
-        print(EvalReport(out.metrics, counts, out.eval_seconds).table())
-        samples = json.loads((run_dir / "eval.json").read_text())["samples"][:8]
+        print(out.report.table())
+        preds = out.report.predictions
         print("\nsample answers:")
-        for s in samples:
-            mark = "" if s["correct"] is None else ("  ok" if s["correct"] else "  WRONG")
-            print(f"  [{s['task']}] {s['question']!r} -> {s['prediction']!r} (expected {s['answer']!r}){mark}")
+        for p in preds[:: max(1, len(preds) // 40)][:8]:  # the spread eval.json keeps
+            mark = "" if p.correct is None else ("  ok" if p.correct else "  WRONG")
+            print(f"  [{p.task}] {p.question!r} -> {p.prediction!r} (expected {p.answer!r}){mark}")
     print(f"\nmodel: {out.model_dir}\nrun:   {run_dir} (metrics.jsonl, loss.png, eval.json)")
     return 0
 

@@ -84,10 +84,17 @@ class RunOutputs:
     run_dir: Path
     model_dir: Path
     train_seconds: float
-    eval_seconds: float
-    metrics: dict[str, float]
     status: str
     steps: int
+    report: Any = None  # the EvalReport (None when interrupted, and on ranks other than 0)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.report.metrics if self.report is not None else {}
+
+    @property
+    def eval_seconds(self) -> float:
+        return self.report.seconds if self.report is not None else 0.0
 
 
 #: Training-only views of a dataset are scored on the dataset's standard test form.
@@ -131,8 +138,7 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     trainer = Trainer(model, processor, train_data, run_dir, eval_fn=eval_fn, dist=dist, progress=progress)
     result = trainer.fit(resume=resume, max_minutes=max_minutes)
     model_dir = run_dir / "model"
-    metrics: dict[str, float] = {}
-    eval_seconds = 0.0
+    report = None
     from minivlm.train.lora import has_lora, merge_lora, save_lora
 
     full_state = trainer.dist.full_model_state(trainer.wrapped)  # collective under FSDP
@@ -150,14 +156,13 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
         plot_run(run_dir)
         if result.status != "interrupted":
             report = evaluate_run(model, cfg, eval_limit=eval_limit, progress=progress)
-            metrics, eval_seconds = report.metrics, report.seconds
             (run_dir / "eval.json").write_text(json.dumps(
                 {"metrics": report.metrics, "counts": report.counts, "seconds": report.seconds,
                  "train_seconds": result.seconds, "steps": result.steps,
                  "samples": [p.__dict__ for p in report.predictions[:: max(1, len(report.predictions) // 40)]]},
                 indent=2) + "\n")
     dist.barrier()
-    return RunOutputs(run_dir, model_dir, result.seconds, eval_seconds, metrics, result.status, result.steps)
+    return RunOutputs(run_dir, model_dir, result.seconds, result.status, result.steps, report)
 
 
 #: Test samples per task scored by the periodic evaluation during training.
