@@ -27,6 +27,7 @@ import minivlm.projectors  # noqa: F401
 from minivlm.config import VLMConfig, preset
 from minivlm.kernels.fused_ce import fused_linear_cross_entropy
 from minivlm.layers.attention import AttentionMask
+from minivlm.layers.init import init_linear_
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
 
@@ -75,6 +76,9 @@ class VisionLanguageModel(nn.Module):
         self.decoder = DECODERS.get(config.decoder.kind)(config)
         self.processor: Any = None  # a minivlm.text.Processor travels with the model when attached
         self.set_attention_backend(config.attention_backend)
+        # Parts keep their own special cases (embeddings, conv stem, zero gates); every linear
+        # layer starts LeCun-normal, which leaves the language-prior plateau much sooner.
+        init_linear_(self)
 
     # ---- construction helpers -------------------------------------------------------------
     @classmethod
