@@ -152,6 +152,10 @@ class DataConfig:
     """What to train on and how images and text are prepared."""
 
     mixture: str = "easy_vqa:0.7,shapes:0.1,charts:0.05,multi_image:0.05,video:0.05,retrieval:0.05"
+    # A curriculum: the first `curriculum_steps` steps draw from `curriculum` instead of `mixture`
+    # (e.g. questions whose answers cannot be guessed from the text, before the full mix).
+    curriculum: str = ""
+    curriculum_steps: int = 0
     resize: str = "resize"  # resize | letterbox | crop
     split_image: bool = False
     max_length: int = 256
@@ -243,6 +247,13 @@ class VLMConfig:
              f"expected cosine | linear | constant, got {t.schedule!r}")
         need(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
              f"expected resize | letterbox | crop, got {self.data.resize!r}")
+        c = self.data
+        need(c.curriculum_steps >= 0, "data.curriculum_steps", f"must be >= 0, got {c.curriculum_steps}")
+        need(bool(c.curriculum) == (c.curriculum_steps > 0), "data.curriculum",
+             f"set both data.curriculum and data.curriculum_steps or neither; got {c.curriculum!r} for "
+             f"{c.curriculum_steps} steps")
+        need(c.curriculum_steps < t.steps, "data.curriculum_steps",
+             f"{c.curriculum_steps} leaves no step of train.steps={t.steps} for data.mixture")
         from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
         import minivlm.model  # noqa: F401  (registers the built-in parts)
 

@@ -147,6 +147,7 @@ class VisionLanguageModel(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
+        branch_ids: Tensor | None = None,
         cache: StaticKVCache | None = None,
         return_logits: bool = True,
     ) -> VLMOutput:
@@ -159,6 +160,9 @@ class VisionLanguageModel(nn.Module):
             attention_mask: ``[B, S]`` 1 for real tokens, 0 for padding; S covers the KV cache.
             position_ids: ``[B, T]``; default: counts real tokens (so left padding starts at 0).
             document_ids: ``[B, T]`` packed-document ids (block-diagonal attention).
+            branch_ids: ``[B, T]`` shared-prefix branches (0 = prefix, k = k-th continuation; a
+                branch does not see its siblings); training only, with explicit ``position_ids``
+                (:func:`minivlm.data.collate.merge_shared_prefix` builds both).
             cache: a :class:`StaticKVCache` for incremental decoding.
             return_logits: False skips the full ``[B, T, V]`` logits (the loss then projects only
                 supervised positions).
@@ -170,6 +174,12 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values)
 
+        if branch_ids is not None:
+            if cache is not None or branch_ids.shape != (B, T):
+                raise ValueError(f"branch_ids must be [B, T] = [{B}, {T}] and used without a KV cache; "
+                                 f"got {list(branch_ids.shape)}{' with a cache' if cache is not None else ''}")
+            if position_ids is None:
+                raise ValueError("branch_ids need position_ids: each branch continues the prefix's positions")
         key_valid = None
         if attention_mask is not None:
             if attention_mask.shape != (B, offset + T):
@@ -183,7 +193,8 @@ class VisionLanguageModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, offset:]
             else:
                 position_ids = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-        mask = AttentionMask(causal=True, q_offset=offset, key_valid=key_valid, document_ids=document_ids)
+        mask = AttentionMask(causal=True, q_offset=offset, key_valid=key_valid, document_ids=document_ids,
+                             branch_ids=branch_ids)
 
         text_embeds = self.decoder.embed(input_ids)
         fused = self.fusion(text_embeds, image_embeds, input_ids, mask, cache)

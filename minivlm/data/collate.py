@@ -42,6 +42,11 @@ class _Sample:
     input_ids: list[int]
     labels: list[int]
     pixel_values: Tensor | None
+    position_ids: list[int] | None = None  # set by merge_shared_prefix; default 0..n-1
+    branch_ids: list[int] | None = None  # set by merge_shared_prefix; default all 0 (no branches)
+
+    def positions(self) -> Tensor:
+        return torch.tensor(self.position_ids) if self.position_ids is not None else torch.arange(len(self))
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -64,7 +69,77 @@ def _as_sample(sample: Any, index: int) -> _Sample:
     if pixel_values is not None and (not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4):
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
         raise ValueError(f"sample #{index} pixel_values must be a [n_views, 3, H, W] tensor or None; got {shape}")
-    return _Sample(input_ids, labels, pixel_values)
+    extra = {}
+    for key in ("position_ids", "branch_ids"):
+        values = get(key)
+        if values is not None:
+            values = values.tolist() if isinstance(values, Tensor) else list(values)
+            if len(values) != len(input_ids):
+                raise ValueError(f"sample #{index} has {len(input_ids)} input_ids but {len(values)} {key}")
+            extra[key] = values
+    return _Sample(input_ids, labels, pixel_values, **extra)
+
+
+def _branch_tensor(parsed: Sequence[_Sample], shape: tuple[int, int]) -> Tensor | None:
+    """A zero ``[R, T]`` branch-id tensor when some sample has branches (filled by the caller)."""
+    return torch.zeros(shape, dtype=torch.long) if any(s.branch_ids is not None for s in parsed) else None
+
+
+def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str, Any]:
+    """One sample holding several samples that start alike: the shared prefix once, then each
+    sample's remainder as a *branch* that sees the prefix but not the other branches.
+
+    Ten questions about one image cost one image encoding and one prompt prefix instead of ten,
+    and since each branch's positions continue from the prefix and its attention is limited to
+    prefix + itself (``branch_ids``, see :mod:`minivlm.layers.attention`), the loss and gradients
+    equal those of the samples one by one (tested). This is prefix sharing as in tree attention
+    for speculative decoding or the shared-prompt packing of RL fine-tuning, applied to training
+    data with several questions per image.
+
+    The prefix is the longest common token prefix that carries no supervised label and is followed
+    by an unsupervised token in every sample (a branch's first token has no prediction from inside
+    its branch). Every image must lie in the prefix, and all samples must show the same pixels.
+
+    Returns:
+        a sample dict: ``input_ids``, ``labels``, ``position_ids``, ``branch_ids`` (0 on the
+        prefix, ``k`` on the ``k``-th sample's remainder) and ``pixel_values`` (the prefix's).
+
+    Raises:
+        ValueError: no samples; samples whose images differ or are not all inside the shared prefix.
+    """
+    if not samples:
+        raise ValueError("merge_shared_prefix needs at least one sample")
+    parsed = [_as_sample(s, i) for i, s in enumerate(samples)]
+    first = parsed[0]
+    n = min(len(s) for s in parsed) - 1  # every branch keeps at least one token
+    for s in parsed[1:]:
+        n = min(n, next((j for j in range(n) if s.input_ids[j] != first.input_ids[j]), n))
+    first_label = min(next((j for j, label in enumerate(s.labels) if label != IGNORE_INDEX), len(s)) for s in parsed)
+    n = max(0, min(n, first_label - 1))  # prefix and each branch's first token: unsupervised
+    for index, s in enumerate(parsed):
+        if image_token_id in s.input_ids[n:]:
+            raise ValueError(
+                f"sample #{index} of the group has image placeholders after the shared prefix ({n} tokens); "
+                f"merge_shared_prefix expects every image in the common prefix (e.g. one image, several questions)"
+            )
+        same = (s.pixel_values is None) == (first.pixel_values is None) and (
+            s.pixel_values is None or (s.pixel_values.shape == first.pixel_values.shape
+                                       and torch.equal(s.pixel_values, first.pixel_values)))
+        if not same:
+            raise ValueError(f"sample #{index} of the group shows different images than sample #0; "
+                             f"merge_shared_prefix expects every sample of a group to show the same images")
+    input_ids, labels = list(first.input_ids[:n]), [IGNORE_INDEX] * n
+    position_ids, branch_ids = list(range(n)), [0] * n
+    for branch, s in enumerate(parsed, start=1):
+        rest = len(s) - n
+        input_ids += s.input_ids[n:]
+        # With no prefix a branch starts a sequence: its first label has nothing to predict it
+        # from (pad_collate and pack_collate drop it too).
+        labels += ([IGNORE_INDEX] + s.labels[1:]) if n == 0 else s.labels[n:]
+        position_ids += range(n, n + rest)
+        branch_ids += [branch] * rest
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids,
+            "pixel_values": first.pixel_values}
 
 
 def _concat_views(views: Sequence[Tensor | None]) -> Tensor | None:
@@ -101,6 +176,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.bool)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
+    branch_ids = _branch_tensor(parsed, (batch, width))
     for row, sample in enumerate(parsed):
         n = len(sample)
         start = 0 if padding_side == "right" else width - n
@@ -109,14 +185,19 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
         labels[row, columns] = torch.tensor(sample.labels, dtype=torch.long)
         labels[row, start] = IGNORE_INDEX  # nothing before it in this sample predicts it
         attention_mask[row, columns] = True
-        position_ids[row, columns] = torch.arange(n)
-    return {
+        position_ids[row, columns] = sample.positions()
+        if sample.branch_ids is not None:
+            branch_ids[row, columns] = torch.tensor(sample.branch_ids)
+    batch_dict = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "pixel_values": _concat_views([s.pixel_values for s in parsed]),
     }
+    if branch_ids is not None:
+        batch_dict["branch_ids"] = branch_ids
+    return batch_dict
 
 
 def plan_packing(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -175,6 +256,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     document_ids = torch.full(shape, -1, dtype=torch.long)
+    branch_ids = _branch_tensor(parsed, shape)
     views = []
     for row, members in enumerate(plan):
         start = 0
@@ -185,8 +267,10 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
             input_ids[row, columns] = torch.tensor(sample.input_ids, dtype=torch.long)
             labels[row, columns] = torch.tensor(sample.labels, dtype=torch.long)
             labels[row, start] = IGNORE_INDEX
-            position_ids[row, columns] = torch.arange(n)
+            position_ids[row, columns] = sample.positions()
             document_ids[row, columns] = document
+            if sample.branch_ids is not None:
+                branch_ids[row, columns] = torch.tensor(sample.branch_ids)
             views.append(sample.pixel_values)
             start += n
     n_real = sum(len(s) for s in parsed)
@@ -194,7 +278,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     logger.debug(
         "packed %d samples into %d rows of %d (efficiency %.3f)", len(parsed), shape[0], max_length, efficiency
     )
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": document_ids >= 0,
@@ -203,6 +287,9 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
         "pixel_values": _concat_views(views),
         "packing_efficiency": efficiency,
     }
+    if branch_ids is not None:
+        batch["branch_ids"] = branch_ids
+    return batch
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from minivlm.data.sample import image_item, text_item, vqa_sample
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+QUESTION_TYPES = ("shape", "color", "yes_no")
 SHAPE_ANSWERS = frozenset({"circle", "rectangle", "triangle"})
 YES_NO_ANSWERS = frozenset({"yes", "no"})
 
@@ -70,7 +71,11 @@ class EasyVQA(Dataset):
         split: ``"train"`` (38,575 questions on 4,000 images) or ``"test"`` (9,673 on 1,000).
         group_by_image: if False (default), item ``i`` is question ``i`` (a sample dict). If True,
             item ``i`` is the list of samples for all questions of the ``i``-th image (sharing
-            one PIL image), so a trainer can encode each image once per step.
+            one PIL image), so a trainer can encode each image once per step
+            (:func:`minivlm.data.collate.merge_shared_prefix`).
+        question_types: keep only these types (``"shape"``, ``"color"``, ``"yes_no"``); None
+            keeps all. ``("shape", "color")`` are the open questions, whose answers cannot be
+            guessed from the question (a curriculum's first stage, see ``DataConfig``).
         data_dir: a folder laid out like the package's ``data/`` (``answers.txt``,
             ``<split>/questions.json``, ``<split>/images/<id>.png``); default: the installed
             package.
@@ -82,10 +87,13 @@ class EasyVQA(Dataset):
     task = "easy_vqa"
 
     def __init__(
-        self, split: str = "train", group_by_image: bool = False, data_dir: str | Path | None = None
+        self, split: str = "train", group_by_image: bool = False, data_dir: str | Path | None = None,
+        question_types: tuple[str, ...] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if question_types is not None and (not question_types or set(question_types) - set(QUESTION_TYPES)):
+            raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {question_types!r}")
         self.split = split
         self.group_by_image = group_by_image
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -96,10 +104,14 @@ class EasyVQA(Dataset):
         )
         with open(self.data_dir / split / "questions.json") as file:
             raw = json.load(file)
-        self.questions = [
+        questions = [
             EasyVQAQuestion(question, answer, int(image_id), question_type_of(answer))
             for question, answer, image_id in raw
         ]
+        # Sample ids keep the official question index, whatever the filter.
+        self._official_index = [i for i, q in enumerate(questions)
+                                if question_types is None or q.question_type in question_types]
+        self.questions = [questions[i] for i in self._official_index]
         self._question_indices: dict[int, list[int]] = {}
         for index, record in enumerate(self.questions):
             self._question_indices.setdefault(record.image_id, []).append(index)
@@ -130,7 +142,7 @@ class EasyVQA(Dataset):
             question=record.question,
             answer=record.answer,
             task=self.task,
-            sample_id=f"{self.task}/{self.split}/{question_index}",
+            sample_id=f"{self.task}/{self.split}/{self._official_index[question_index]}",
             question_type=record.question_type,
             image_id=record.image_id,
         )

@@ -190,6 +190,9 @@ def _synthetic(cls: type[SyntheticDataset]) -> DatasetFactory:
 
 
 register_dataset("easy_vqa", lambda request: EasyVQA(request.split))
+register_dataset("easy_vqa_grouped", lambda request: EasyVQA(request.split, group_by_image=True))
+register_dataset("easy_vqa_open", lambda request: EasyVQA(request.split, question_types=("shape", "color")))
+register_dataset("easy_vqa_shape", lambda request: EasyVQA(request.split, question_types=("shape",)))
 register_dataset("easy_vqa_dialogues", lambda request: EasyVQADialogues(request.split, request.seed))
 register_dataset("shapes", _synthetic(ShapesDataset))
 register_dataset("charts", _synthetic(ChartsDataset))

@@ -12,6 +12,8 @@ Backend choice (measured on one H200, see ``/work/shared/DESIGN.md``):
   one H200 run (bf16, B4 H16 S4096 Dh64, fwd / fwd+bwd TFLOP/s of useful work: prefix-LM
   298 / 278 vs 182 / 227, 8 packed documents 103 / 113 vs 40 / 73); flex stays the default until
   the project's GPU benchmark confirms that;
+* ``branches`` (shared-prefix packing) goes to flex on CUDA as well; the Triton kernel does not
+  implement the branch rule and refuses such masks;
 * on CPU everything goes to SDPA (with a boolean mask where needed): flex has no CPU backward and
   Triton runs on CPU only through its interpreter;
 * ``cross`` (Flamingo) masks go to SDPA: neither fused kernel implements the cross rule.
@@ -31,10 +33,10 @@ __all__ = ["MASK_KINDS", "default_backend", "PerMaskCache"]
 
 #: Every value :attr:`AttentionMask.kind` can take.
 MASK_KINDS = frozenset(
-    {"causal", "bidirectional", "prefix_lm", "documents", "padded_causal", "padded_bidirectional", "cross"}
+    {"causal", "bidirectional", "prefix_lm", "documents", "branches", "padded_causal", "padded_bidirectional", "cross"}
 )
 _PLAIN_KINDS = frozenset({"causal", "bidirectional"})
-_BLOCK_SPARSE_KINDS = frozenset({"prefix_lm", "documents", "padded_causal", "padded_bidirectional"})
+_BLOCK_SPARSE_KINDS = frozenset({"prefix_lm", "documents", "branches", "padded_causal", "padded_bidirectional"})
 
 
 def default_backend(mask_kind: str, device_type: str) -> str:
@@ -109,7 +111,8 @@ class PerMaskCache:
         """Return the cached value for ``(mask, extra_key)``, calling ``build()`` on a miss."""
         versions = tuple(
             _tensor_version(t)
-            for t in (mask.key_valid, mask.document_ids, mask.span_ids, mask.images_seen, mask.key_image_ids)
+            for t in (mask.key_valid, mask.document_ids, mask.span_ids, mask.branch_ids, mask.images_seen,
+                      mask.key_image_ids)
         )
         key = (id(mask), versions, extra_key)
         entry = self._entries.get(key)

@@ -55,7 +55,8 @@ BLOCK_MASKS = PerMaskCache(max_entries=32)
 def vlm_mask_mod(mask: AttentionMask, batch: int) -> MaskMod:
     """The :class:`AttentionMask` rule as a FlexAttention ``mask_mod``.
 
-    ``allowed(b, q, k) = key_valid[b, k] & doc[b, q'] == doc[b, k] & (k <= q' | span[b, q'] == span[b, k] != 0)``
+    ``allowed(b, q, k) = key_valid[b, k] & doc[b, q'] == doc[b, k] & (branch[b, k] == 0 | branch[b, k] == branch[b, q'])
+    & (k <= q' | span[b, q'] == span[b, k] != 0)``
     with ``q' = q + q_offset`` and the causal term only for causal masks. The closure captures the
     mask's tensors expanded to ``[batch, S]`` (never the mask object, so caching stays weak).
     """
@@ -71,6 +72,7 @@ def vlm_mask_mod(mask: AttentionMask, batch: int) -> MaskMod:
     key_valid = None if key_valid is None else key_valid.bool()
     document_ids = expand(mask.document_ids)
     span_ids = expand(mask.span_ids) if causal else None  # spans only widen a causal mask
+    branch_ids = expand(mask.branch_ids)
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         q_pos = q_idx + q_offset
@@ -83,6 +85,9 @@ def vlm_mask_mod(mask: AttentionMask, batch: int) -> MaskMod:
             allowed = allowed & visible
         if document_ids is not None:
             allowed = allowed & (document_ids[b, q_pos] == document_ids[b, kv_idx])
+        if branch_ids is not None:
+            branch_k = branch_ids[b, kv_idx]
+            allowed = allowed & ((branch_k == 0) | (branch_k == branch_ids[b, q_pos]))
         if key_valid is not None:
             allowed = allowed & key_valid[b, kv_idx]
         return allowed
@@ -98,7 +103,7 @@ def block_mask_for(mask: AttentionMask, batch: int, T: int, S: int, device: torc
     """
 
     def build() -> BlockMask:
-        has_rows = any(t is not None for t in (mask.key_valid, mask.document_ids, mask.span_ids))
+        has_rows = any(t is not None for t in (mask.key_valid, mask.document_ids, mask.span_ids, mask.branch_ids))
         mask_batch = batch if has_rows else 1
         logger.debug("building flex BlockMask for %s mask, B=%d T=%d S=%d", mask.kind, mask_batch, T, S)
         return create_block_mask(
@@ -141,7 +146,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> None:
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
-    for name in ("key_valid", "document_ids", "span_ids"):
+    for name in ("key_valid", "document_ids", "span_ids", "branch_ids"):
         values = getattr(mask, name)
         if values is None:
             continue

@@ -900,6 +900,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> None:
             "triton attention implements the self-attention mask family only; got a cross-attention "
             "mask (images_seen/key_image_ids): use backend 'sdpa' or 'math'"
         )
+    if mask.branch_ids is not None:
+        raise ValueError(
+            "triton attention does not implement shared-prefix branches (mask.branch_ids); "
+            "use backend 'flex' (the CUDA default for such masks), 'sdpa' or 'math'"
+        )
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"expected 4-d q [B, Hq, T, Dh], k, v [B, Hkv, S, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"

@@ -14,8 +14,15 @@ The VLM mask family (self-attention), for query ``i`` and key ``j`` of one row::
 
     allowed(i, j) = key_valid[j]
                     and doc[i] == doc[j]                     # packed documents
+                    and (branch[j] == 0 or branch[j] == branch[i])  # shared-prefix branches
                     and (j <= i  or  span[i] == span[j] != 0)  # causal, but images see themselves
                                                                # bidirectionally (prefix-LM)
+
+Branches are prefix sharing: several continuations of one prefix (e.g. ten questions about the
+same image) sit in one document as ``prefix, branch 1, branch 2, ...``; each branch sees the
+prefix (branch id 0) and itself, never its siblings, so with positions restarting after the
+prefix every branch is computed exactly as if it followed the prefix alone
+(:func:`minivlm.data.collate.merge_shared_prefix`).
 
 with ``i`` measured in absolute positions (``q_offset + i``) so the same rule serves
 incremental decoding against a KV cache. Cross-attention (Flamingo) uses a different rule:
@@ -47,6 +54,8 @@ class AttentionMask:
             query ``i`` uses ``document_ids[:, q_offset + i]``.
         span_ids: ``[B, S]`` int, 0 for ordinary tokens, a positive id shared by the tokens of
             one image: tokens of the same span see each other bidirectionally (prefix-LM).
+        branch_ids: ``[B, S]`` int, 0 for a shared prefix, ``k > 0`` for the tokens of its
+            ``k``-th continuation: a branch sees the prefix and itself, not its siblings.
         images_seen: ``[B, T]`` int, cross-attention only: how many images precede query ``i``.
         key_image_ids: ``[B, S]`` int, cross-attention only: image index of each key, -1 for
             padding keys.
@@ -57,6 +66,7 @@ class AttentionMask:
     key_valid: Tensor | None = None
     document_ids: Tensor | None = None
     span_ids: Tensor | None = None
+    branch_ids: Tensor | None = None
     images_seen: Tensor | None = None
     key_image_ids: Tensor | None = None
 
@@ -86,6 +96,8 @@ class AttentionMask:
         """A short name used for backend dispatch and benchmarks."""
         if self.is_cross:
             return "cross"
+        if self.branch_ids is not None:
+            return "branches"
         if self.document_ids is not None:
             return "documents"
         if self.span_ids is not None:
@@ -122,7 +134,8 @@ class AttentionMask:
             seen = self.images_seen.to(device)[:, :, None]  # [B, T, 1]
             kid = self.key_image_ids.to(device)[:, None, :]  # [B, 1, S]
             return ((kid >= 0) & (kid < seen))[:, None]
-        ref = next((t for t in (self.key_valid, self.document_ids, self.span_ids) if t is not None), None)
+        ref = next((t for t in (self.key_valid, self.document_ids, self.span_ids, self.branch_ids) if t is not None),
+                   None)
         if device is None and ref is not None:
             device = ref.device
         qpos = torch.arange(self.q_offset, self.q_offset + T, device=device)
@@ -138,6 +151,10 @@ class AttentionMask:
         if self.document_ids is not None:
             dq = self.document_ids[:, self.q_offset : self.q_offset + T]
             allowed = allowed & (dq[:, :, None] == self.document_ids[:, None, :])
+        if self.branch_ids is not None:
+            bq = self.branch_ids[:, self.q_offset : self.q_offset + T]
+            bk = self.branch_ids[:, None, :]
+            allowed = allowed & ((bk == 0) | (bk == bq[:, :, None]))
         if self.key_valid is not None:
             allowed = allowed & self.key_valid[:, None, :].bool()
         if self.causal and T <= S:

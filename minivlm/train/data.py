@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from minivlm.data.collate import Packer, pad_collate
+from minivlm.data.collate import Packer, merge_shared_prefix, pad_collate
 from minivlm.text.processor import Processor, SampleSkipped
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,61 @@ class Skipped:
     reason: str
 
 
+class CurriculumSampler(Sampler[list[int]]):
+    """Two :class:`StepBatchSampler` streams one after the other: steps ``[0, switch_step)`` read
+    ``first`` and later steps read ``then``, whose indices are offset by ``offset`` (the length of
+    the first dataset in a ``ConcatDataset([first, then])``).
+
+    ``then`` counts its own steps from 0 at the switch, so it starts at the beginning of its first
+    epoch; like the plain sampler, every index is a pure function of the step, so a run resumed
+    at any step, before or after the switch, reads the same samples.
+    """
+
+    def __init__(self, first: StepBatchSampler, then: StepBatchSampler, switch_step: int, offset: int,
+                 start_step: int = 0, total_steps: int | None = None):
+        if switch_step < 1:
+            raise ValueError(f"CurriculumSampler.switch_step must be >= 1; got {switch_step}")
+        if (first.mb, first.accum, first.world, first.rank) != (then.mb, then.accum, then.world, then.rank):
+            raise ValueError("the two streams of a curriculum must have the same micro-batch, accumulation and ranks")
+        self.first, self.then, self.switch, self.offset = first, then, switch_step, offset
+        self.start, self.total = start_step, total_steps
+        self.accum = first.accum
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        if step < self.switch:
+            return self.first.indices(step, micro)
+        return [self.offset + i for i in self.then.indices(step - self.switch, micro)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while self.total is None or step < self.total:
+            for micro in range(self.accum):
+                yield self.indices(step, micro)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("an endless sampler has no length")
+        return (self.total - self.start) * self.accum
+
+
+@dataclass
+class RenderedGroup:
+    """The rendered samples of one grouped dataset item (several questions about the same
+    images), merged into one shared-prefix sample by the collator; ``skipped`` lists the reasons
+    for members the processor refused."""
+
+    samples: list[Any]
+    skipped: list[str]
+
+
 class RenderedDataset(Dataset):
-    """Sample ``i`` of ``dataset`` rendered for training (or :class:`Skipped`)."""
+    """Sample ``i`` of ``dataset`` rendered for training (or :class:`Skipped`).
+
+    A dataset item that is a *list* of samples (e.g. ``easy_vqa_grouped``: every question about one
+    image) becomes a :class:`RenderedGroup`, trained as one shared-prefix sample
+    (:func:`minivlm.data.collate.merge_shared_prefix`).
+    """
 
     def __init__(self, dataset: Dataset, processor: Processor):
         self.dataset, self.processor = dataset, processor
@@ -50,7 +103,14 @@ class RenderedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        sample = self.dataset[index]
+        item = self.dataset[index]
+        if isinstance(item, list):
+            rendered = [self._render(sample) for sample in item]
+            return RenderedGroup([r for r in rendered if not isinstance(r, Skipped)],
+                                 [r.reason for r in rendered if isinstance(r, Skipped)])
+        return self._render(item)
+
+    def _render(self, sample: dict[str, Any]) -> Any:
         try:
             return self.processor.render(sample["messages"], for_training=True)
         except SampleSkipped as err:
@@ -122,25 +182,57 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 class TrainCollator:
-    """Drops skipped samples (counting why), then pads or packs.
+    """Drops skipped samples (counting why), merges groups into shared-prefix samples, then
+    pads or packs.
 
     The returned dict holds the model inputs plus ``skipped`` (a Counter of reasons) and
-    ``n_samples`` (samples kept; 0 means the micro-batch is empty and has no model inputs).
+    ``n_samples`` (samples kept, each member of a group counted; 0 means the micro-batch is
+    empty and has no model inputs).
     """
 
-    def __init__(self, pad_id: int, pack_length: int | None = None):
+    def __init__(self, pad_id: int, pack_length: int | None = None, image_token_id: int | None = None):
         self.pad_id = pad_id
+        self.pack_length = pack_length
+        self.image_token_id = image_token_id
         self.packer = Packer(pack_length, pad_id) if pack_length else None
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
-        skipped = Counter(it.reason for it in items if isinstance(it, Skipped))
-        samples = [it for it in items if not isinstance(it, Skipped)]
+        skipped: Counter = Counter()
+        samples: list[Any] = []
+        n_samples = 0
+        for item in items:
+            if isinstance(item, Skipped):
+                skipped[item.reason] += 1
+            elif isinstance(item, RenderedGroup):
+                skipped.update(item.skipped)
+                samples.extend(self._merge(item))
+                n_samples += len(item.samples)
+            else:
+                samples.append(item)
+                n_samples += 1
         batch: dict[str, Any] = {}
         if samples:
             batch = self.packer(samples) if self.packer else pad_collate(samples, self.pad_id)
         batch["skipped"] = skipped
-        batch["n_samples"] = len(samples)
+        batch["n_samples"] = n_samples
         return batch
+
+    def _merge(self, group: RenderedGroup) -> list[Any]:
+        """One shared-prefix sample for the group, split into as few as fit ``pack_length``."""
+        if not group.samples:
+            return []
+        if self.image_token_id is None:
+            raise ValueError("grouped dataset items need TrainCollator(image_token_id=...) to merge them")
+        parts, current = [], [group.samples[0]]
+        for sample in group.samples[1:]:
+            merged = merge_shared_prefix(current + [sample], self.image_token_id)
+            if self.pack_length and len(merged["input_ids"]) > self.pack_length:
+                parts.append(current)
+                current = [sample]
+            else:
+                current.append(sample)
+        parts.append(current)
+        return [merge_shared_prefix(part, self.image_token_id) for part in parts]
 
 
 def make_loader(dataset: Dataset, processor: Processor, sampler: StepBatchSampler, *, packing: bool,
@@ -152,7 +244,8 @@ def make_loader(dataset: Dataset, processor: Processor, sampler: StepBatchSample
     step ``k`` would leave the global stream (dropout, augmentation) one draw off the
     uninterrupted run.
     """
-    collate = TrainCollator(processor.tokenizer.pad_id, max_length if packing else None)
+    collate = TrainCollator(processor.tokenizer.pad_id, max_length if packing else None,
+                            processor.tokenizer.image_token_id)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + sampler.start)
     return DataLoader(RenderedDataset(dataset, processor), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, persistent_workers=num_workers > 0,

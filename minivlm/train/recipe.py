@@ -46,7 +46,9 @@ def build_tokenizer(dataset, vocab_size: int, n_samples: int = 3000, max_tiles: 
     """Train a BPE tokenizer on the template text of ``n_samples`` samples spread over ``dataset``."""
     n = min(n_samples, len(dataset))
     stride = max(1, len(dataset) // n)
-    corpus = [t for i in range(0, n * stride, stride) for t in template_texts(dataset[i])]
+    items = [dataset[i] for i in range(0, n * stride, stride)]
+    samples = [s for item in items for s in (item if isinstance(item, list) else [item])]  # groups: every member
+    corpus = [t for sample in samples for t in template_texts(sample)]
     return Tokenizer.train(corpus, vocab_size=vocab_size, max_tiles=max_tiles)
 
 
@@ -98,7 +100,8 @@ class RunOutputs:
 
 
 #: Training-only views of a dataset are scored on the dataset's standard test form.
-EVAL_FORM = {"easy_vqa_dialogues": "easy_vqa"}
+EVAL_FORM = {"easy_vqa_dialogues": "easy_vqa", "easy_vqa_grouped": "easy_vqa", "easy_vqa_open": "easy_vqa",
+             "easy_vqa_shape": "easy_vqa"}
 
 
 def eval_sources(spec: str) -> list[str]:
@@ -119,12 +122,18 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.train.seed)
     train_data = build_dataset(cfg.data.mixture, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
+    curriculum = None
+    if cfg.data.curriculum:
+        curriculum = build_dataset(cfg.data.curriculum, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
     previous = latest_checkpoint(run_dir) if resume else None
     if previous is not None:
         processor = Processor.from_pretrained(previous)
         cfg = VLMConfig.from_json(previous / "config.json")
     else:
-        tokenizer = build_tokenizer(train_data, cfg.decoder.vocab_size)
+        from torch.utils.data import ConcatDataset
+
+        corpus = train_data if curriculum is None else ConcatDataset([curriculum, train_data])
+        tokenizer = build_tokenizer(corpus, cfg.decoder.vocab_size)
         processor = build_processor(attach_tokenizer(cfg, tokenizer), tokenizer)
     cfg.validate()
     model = VisionLanguageModel(cfg)
@@ -135,7 +144,8 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     eval_fn = None
     if cfg.train.eval_every:
         eval_fn = periodic_eval(cfg)
-    trainer = Trainer(model, processor, train_data, run_dir, eval_fn=eval_fn, dist=dist, progress=progress)
+    trainer = Trainer(model, processor, train_data, run_dir, eval_fn=eval_fn, dist=dist, progress=progress,
+                      curriculum=curriculum)
     result = trainer.fit(resume=resume, max_minutes=max_minutes)
     model_dir = run_dir / "model"
     report = None

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from minivlm.config import ConfigError, TrainConfig
 from minivlm.interop.safetensors_io import load_safetensors
@@ -36,7 +36,9 @@ from minivlm.model import VisionLanguageModel
 from minivlm.text.processor import Processor
 from minivlm.train import checkpoint as ckpt
 from minivlm.train.data import (
+    CurriculumSampler,
     RenderedDataset,
+    RenderedGroup,
     Skipped,
     StepBatchSampler,
     TrainCollator,
@@ -52,7 +54,8 @@ from minivlm.train.stages import apply_stage, part_lr_scales
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "document_ids")
+MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "document_ids",
+                "branch_ids")
 #: Samples tried in order to find one usable micro-batch when a rank's first step has none.
 _FILLER_SEARCH = 1000
 
@@ -126,6 +129,8 @@ class Trainer:
         eval_fn: ``eval_fn(model) -> dict of metrics``, called every ``train.eval_every`` steps.
         dist: the process group context (single process when None).
         progress: show a progress bar (rank 0 only).
+        curriculum: a dataset trained on for the first ``data.curriculum_steps`` steps, before
+            ``dataset`` (:class:`~minivlm.train.data.CurriculumSampler`).
 
     Raises:
         ConfigError: invalid ``train.*`` settings.
@@ -134,7 +139,7 @@ class Trainer:
 
     def __init__(self, model: VisionLanguageModel, processor: Processor, dataset: Dataset, run_dir: str | Path,
                  eval_fn: Callable[[VisionLanguageModel], dict[str, float]] | None = None,
-                 dist: DistributedContext | None = None, progress: bool = True):
+                 dist: DistributedContext | None = None, progress: bool = True, curriculum: Dataset | None = None):
         self.cfg = model.config
         self.tcfg = self.cfg.train
         self.dist = dist or DistributedContext.single()
@@ -151,6 +156,10 @@ class Trainer:
         self.model.processor = processor
         self.processor = processor
         self.dataset = dataset
+        self.curriculum = curriculum
+        self.curriculum_steps = self.cfg.data.curriculum_steps if curriculum is not None else 0
+        if curriculum is not None and not self.curriculum_steps:
+            raise ConfigError("data.curriculum_steps: expected > 0 when a curriculum dataset is given, got 0")
         apply_stage(self.model, scales)
         self._setup_lora(scales)
         if self.tcfg.activation_checkpointing:
@@ -312,14 +321,14 @@ class Trainer:
         return previous
 
     # ---- the loop --------------------------------------------------------------------------------
-    def _fit_schedule_to_budget(self, elapsed: float, max_minutes: float, start_step: int, bar) -> None:
+    def _fit_schedule_to_budget(self, elapsed: float, max_minutes: float, per_step: float, bar) -> None:
         """Shorten the schedule so its decay ends within the time budget.
 
-        Measured once, after :data:`BUDGET_CALIBRATION_STEPS` steps (inside the warmup, so no
-        decayed step changes): a run cut by the clock would otherwise stop at a high learning
-        rate. ``total_steps`` is checkpointed, so a resumed run keeps the fitted schedule.
+        Measured once, over :data:`BUDGET_CALIBRATION_STEPS` steps of the main data (after a
+        curriculum, whose steps may cost less): a run cut by the clock would otherwise stop at a
+        high learning rate. ``total_steps`` is checkpointed, so a resumed run keeps the fitted
+        schedule.
         """
-        per_step = elapsed / (self.step - start_step)
         (remaining,) = self.dist.all_reduce_sums(max_minutes * 60 - elapsed)
         # Plan for 97% of what is left: step times jitter, and a checkpoint write takes time too.
         steps = self.step + int(0.97 * remaining / self.dist.world_size / per_step)
@@ -331,6 +340,22 @@ class Trainer:
                 bar.total = self.total_steps
                 bar.refresh()
 
+    def _sampler_and_data(self) -> tuple[Sampler, Dataset]:
+        """This rank's step sampler from the current step on, and the dataset it indexes."""
+        t = self.tcfg
+
+        def stream(n: int, start: int, total: int | None) -> StepBatchSampler:
+            return StepBatchSampler(n, t.batch_size, t.grad_accum, self.dist.world_size, self.dist.rank,
+                                    start_step=start, total_steps=total, seed=self.data_seed)
+
+        if self.curriculum is None:
+            return stream(len(self.dataset), self.step, self.total_steps), self.dataset
+        first = stream(len(self.curriculum), 0, None)
+        then = stream(len(self.dataset), 0, None)
+        sampler = CurriculumSampler(first, then, self.curriculum_steps, len(self.curriculum),
+                                    start_step=self.step, total_steps=self.total_steps)
+        return sampler, ConcatDataset([self.curriculum, self.dataset])
+
     def fit(self, resume: bool = False, max_minutes: float | None = None) -> TrainResult:
         """Train until ``train.steps``, a signal, or the time budget; see :class:`TrainResult`.
 
@@ -340,10 +365,8 @@ class Trainer:
         if resume:
             self.resume()
         max_minutes = max_minutes if max_minutes is not None else self.tcfg.max_minutes
-        sampler = StepBatchSampler(len(self.dataset), self.tcfg.batch_size, self.tcfg.grad_accum,
-                                   self.dist.world_size, self.dist.rank, start_step=self.step,
-                                   total_steps=self.total_steps, seed=self.data_seed)
-        loader = make_loader(self.dataset, self.processor, sampler, packing=self.cfg.data.packing,
+        sampler, data = self._sampler_and_data()
+        loader = make_loader(data, self.processor, sampler, packing=self.cfg.data.packing,
                              max_length=self.cfg.data.max_length, num_workers=self.cfg.data.num_workers,
                              seed=self.data_seed)
         batches = iter(loader)
@@ -352,14 +375,19 @@ class Trainer:
         status, last_loss = "finished", float("nan")
         t_start, tokens_seen = time.perf_counter(), 0
         start_step = self.step
+        calibrate_from = max(start_step, self.curriculum_steps)  # time the main data's steps
+        t_calibrate = t_start
         bar = self._progress_bar()
         self.model.train()
         try:
             while self.step < self.total_steps:
                 record = self._train_step(batches)
                 record["elapsed_s"] = time.perf_counter() - t_start
-                if max_minutes is not None and self.step - start_step == BUDGET_CALIBRATION_STEPS:
-                    self._fit_schedule_to_budget(record["elapsed_s"], max_minutes, start_step, bar)
+                if self.step == calibrate_from:
+                    t_calibrate = time.perf_counter()
+                if max_minutes is not None and self.step - calibrate_from == BUDGET_CALIBRATION_STEPS:
+                    per_step = (time.perf_counter() - t_calibrate) / BUDGET_CALIBRATION_STEPS
+                    self._fit_schedule_to_budget(record["elapsed_s"], max_minutes, per_step, bar)
                 tokens_seen += record.pop("tokens")
                 if record["loss"] is not None and "skipped" not in record:
                     last_loss = record["loss"]
@@ -451,10 +479,11 @@ class Trainer:
     def _find_filler(self) -> dict[str, Any]:
         rendered = RenderedDataset(self.dataset, self.processor)
         collate = TrainCollator(self.processor.tokenizer.pad_id,
-                                self.cfg.data.max_length if self.cfg.data.packing else None)
+                                self.cfg.data.max_length if self.cfg.data.packing else None,
+                                self.processor.tokenizer.image_token_id)
         for index in range(min(len(rendered), _FILLER_SEARCH)):
             item = rendered[index]
-            if not isinstance(item, Skipped):
+            if not isinstance(item, Skipped) and not (isinstance(item, RenderedGroup) and not item.samples):
                 self._filler = to_device(collate([item]), self.device)
                 return self._filler
         raise TrainingAborted(f"none of the first {_FILLER_SEARCH} samples renders (all skipped by the processor); "

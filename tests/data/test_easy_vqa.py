@@ -122,3 +122,29 @@ def test_dialogues_ask_every_question_of_one_image_once():
     expected = sorted((base.questions[i].question, base.questions[i].answer) for i in base.question_indices(image_id))
     assert asked == expected
     assert dialogues[5] == EasyVQADialogues("test", seed=3)[5]  # deterministic order per seed
+
+
+def test_question_type_filter_keeps_official_ids(train):
+    open_questions = EasyVQA("train", question_types=("shape", "color"))
+    assert len(open_questions) == sum(q.question_type in ("shape", "color") for q in train.questions) == 10_168
+    assert {q.question_type for q in open_questions.questions} == {"shape", "color"}
+    first = open_questions[0]
+    official = int(first["id"].rsplit("/", 1)[1])
+    assert train[official]["messages"][0]["content"][1] == first["messages"][0]["content"][1]
+    assert train[official]["answer"] == first["answer"]
+
+
+@pytest.mark.parametrize("bad", [(), ("colour",), ("shape", "size")])
+def test_question_type_filter_refuses_unknown_types(bad):
+    with pytest.raises(ValueError, match="question_types"):
+        EasyVQA("test", question_types=bad)
+
+
+def test_registered_training_views():
+    from minivlm.data import build_dataset
+
+    grouped = build_dataset("easy_vqa_grouped", "train")
+    assert len(grouped) == 4_000 and all(len({s["image_id"] for s in grouped[i]}) == 1 for i in (0, 1999))
+    shapes = build_dataset("easy_vqa_shape", "test")
+    assert len(shapes) == sum(q.question_type == "shape" for q in EasyVQA("test").questions)
+    assert {shapes[i]["question_type"] for i in range(0, len(shapes), 97)} == {"shape"}

@@ -44,7 +44,10 @@ def _family(S: int = 37) -> dict[str, AttentionMask]:
     key_valid = torch.ones(2, S, dtype=torch.bool)
     key_valid[0, :5] = False  # left padding: queries 0..4 of row 0 see no key
     key_valid[1, 30:] = False  # right padding
-    span_ids, document_ids, key_valid = (t.to(DEVICE) for t in (span_ids, document_ids, key_valid))
+    branch_ids = torch.zeros(2, S, dtype=torch.long)  # a shared prefix, then three sibling branches
+    branch_ids[:, 10:18], branch_ids[:, 18:29], branch_ids[:, 29:] = 1, 2, 3
+    span_ids, document_ids, key_valid, branch_ids = (
+        t.to(DEVICE) for t in (span_ids, document_ids, key_valid, branch_ids))
     return {
         "causal": AttentionMask.causal_lm(),
         "bidirectional": AttentionMask.bidirectional(),
@@ -53,6 +56,9 @@ def _family(S: int = 37) -> dict[str, AttentionMask]:
         "padded_causal": AttentionMask.causal_lm(key_valid=key_valid),
         "padded_bidirectional": AttentionMask.bidirectional(key_valid=key_valid),
         "everything": AttentionMask.causal_lm(key_valid=key_valid, document_ids=document_ids, span_ids=span_ids),
+        "branches_with_spans": AttentionMask.causal_lm(span_ids=span_ids, branch_ids=branch_ids),
+        "branches_in_documents": AttentionMask.causal_lm(document_ids=document_ids, branch_ids=branch_ids,
+                                                         key_valid=key_valid),
     }
 
 

@@ -1,0 +1,108 @@
+"""What the trainer reads: a curriculum before the main mixture, and grouped items.
+
+* ``data.curriculum`` for ``data.curriculum_steps`` steps, then ``data.mixture``; every index is a
+  pure function of the step, so resuming anywhere reads the same samples.
+* A dataset item that is a list of samples (several questions about one image) is trained as one
+  shared-prefix sample: same supervised tokens, one image encoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trainkit as tk
+
+from minivlm.config import ConfigError
+from minivlm.train.data import CurriculumSampler, StepBatchSampler
+from minivlm.train.trainer import Trainer
+
+
+class Recording(tk.ListDataset):
+    """A ListDataset that remembers which indices were read."""
+
+    def __init__(self, samples):
+        super().__init__(samples)
+        self.reads: list[int] = []
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return super().__getitem__(index)
+
+
+def _streams(start: int = 0) -> CurriculumSampler:
+    first = StepBatchSampler(10, 3, 2, seed=1)
+    then = StepBatchSampler(7, 3, 2, seed=1)
+    return CurriculumSampler(first, then, switch_step=4, offset=10, start_step=start, total_steps=9)
+
+
+def test_curriculum_sampler_reads_first_then_offset_second():
+    batches = list(_streams())
+    assert len(batches) == 9 * 2
+    assert all(0 <= i < 10 for b in batches[:8] for i in b)  # steps 0-3: the curriculum
+    assert all(10 <= i < 17 for b in batches[8:] for i in b)  # steps 4-8: the main data, offset
+    # The main stream starts at its own step 0 at the switch: its first epoch, from the start.
+    then = StepBatchSampler(7, 3, 2, seed=1)
+    assert batches[8] == [10 + i for i in then.indices(0, 0)]
+
+
+@pytest.mark.parametrize("start", [2, 4, 7])
+def test_curriculum_sampler_resumes_anywhere(start):
+    assert list(_streams(start)) == list(_streams())[start * 2:]
+
+
+def test_curriculum_sampler_errors():
+    with pytest.raises(ValueError, match="switch_step"):
+        CurriculumSampler(StepBatchSampler(4, 2, 1), StepBatchSampler(4, 2, 1), 0, 4)
+    with pytest.raises(ValueError, match="same micro-batch"):
+        CurriculumSampler(StepBatchSampler(4, 2, 1), StepBatchSampler(4, 3, 1), 1, 4)
+
+
+def test_trainer_reads_the_curriculum_first(tmp_path):
+    cfg = tk.config("train.steps=5", "train.batch_size=2", "data.curriculum=shapes", "data.curriculum_steps=2")
+    samples = list(tk.shapes_samples(24))
+    curriculum, main = Recording(samples[:12]), Recording(samples[12:])
+    result = Trainer(tk.model(cfg), tk.processor(), main, tmp_path, dist=tk.cpu(), progress=False,
+                     curriculum=curriculum).fit()
+    assert result.steps == 5
+    assert len(curriculum.reads) == 2 * 2 and len(main.reads) == 3 * 2
+
+
+def test_curriculum_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="data.curriculum"):
+        tk.config("data.curriculum_steps=2").validate()
+    with pytest.raises(ConfigError, match="leaves no step"):
+        tk.config("data.curriculum=shapes", "data.curriculum_steps=6", "train.steps=6").validate()
+    with pytest.raises(ConfigError, match="curriculum_steps"):
+        Trainer(tk.model(tk.config()), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
+                curriculum=tk.dataset(8))
+
+
+def _questions(sample: dict, k: int) -> list[dict]:
+    """``k`` questions about the image of ``sample`` (its own question, re-asked with new answers)."""
+    import copy
+
+    out = []
+    for j in range(k):
+        s = copy.deepcopy(sample)
+        s["messages"][1]["content"] = [{"type": "text", "text": ["red", "blue", "a circle"][j % 3]}]
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_trainer_trains_grouped_items(tmp_path, packing):
+    cfg = tk.config("train.steps=4", "train.batch_size=2", f"data.packing={packing}", "data.max_length=128",
+                    "decoder.max_seq_len=256")
+    groups = tk.ListDataset([_questions(s, 3) for s in tk.shapes_samples(8)])
+    trainer = Trainer(tk.model(cfg), tk.processor(), groups, tmp_path, dist=tk.cpu(), progress=False)
+    seen = []
+    original = trainer._micro_step
+
+    def spy(batch, weight, sync):
+        seen.append((batch["n_samples"], batch["pixel_values"].shape[0], "branch_ids" in batch))
+        return original(batch, weight, sync)
+
+    trainer._micro_step = spy
+    result = trainer.fit()
+    assert result.steps == 4 and torch.isfinite(torch.tensor(result.final_loss))
+    assert seen == [(6, 2, True)] * 4  # 2 groups of 3 questions each, one image encoding per group
