@@ -106,3 +106,17 @@ def test_trainer_trains_grouped_items(tmp_path, packing):
     result = trainer.fit()
     assert result.steps == 4 and torch.isfinite(torch.tensor(result.final_loss))
     assert seen == [(6, 2, True)] * 4  # 2 groups of 3 questions each, one image encoding per group
+
+
+def test_time_budget_is_calibrated_on_the_main_data(tmp_path, monkeypatch):
+    import minivlm.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "BUDGET_CALIBRATION_STEPS", 2)
+    cfg = tk.config("train.steps=8", "train.batch_size=2", "data.curriculum=shapes", "data.curriculum_steps=3")
+    trainer = Trainer(tk.model(cfg), tk.processor(), tk.dataset(16), tmp_path, dist=tk.cpu(), progress=False,
+                      curriculum=tk.dataset(8))
+    calls = []
+    monkeypatch.setattr(trainer, "_fit_schedule_to_budget",
+                        lambda elapsed, minutes, per_step, bar: calls.append((trainer.step, per_step)))
+    trainer.fit(max_minutes=60)
+    assert len(calls) == 1 and calls[0][0] == 3 + 2 and calls[0][1] > 0  # two steps after the switch
