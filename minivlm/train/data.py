@@ -15,6 +15,7 @@ order, without the sampler holding any state but the step.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,44 +39,6 @@ class Skipped:
     """Stands in for a sample the processor refused, so the count survives worker processes."""
 
     reason: str
-
-
-class CurriculumSampler(Sampler[list[int]]):
-    """Two :class:`StepBatchSampler` streams one after the other: steps ``[0, switch_step)`` read
-    ``first`` and later steps read ``then``, whose indices are offset by ``offset`` (the length of
-    the first dataset in a ``ConcatDataset([first, then])``).
-
-    ``then`` counts its own steps from 0 at the switch, so it starts at the beginning of its first
-    epoch; like the plain sampler, every index is a pure function of the step, so a run resumed
-    at any step, before or after the switch, reads the same samples.
-    """
-
-    def __init__(self, first: StepBatchSampler, then: StepBatchSampler, switch_step: int, offset: int,
-                 start_step: int = 0, total_steps: int | None = None):
-        if switch_step < 1:
-            raise ValueError(f"CurriculumSampler.switch_step must be >= 1; got {switch_step}")
-        if (first.mb, first.accum, first.world, first.rank) != (then.mb, then.accum, then.world, then.rank):
-            raise ValueError("the two streams of a curriculum must have the same micro-batch, accumulation and ranks")
-        self.first, self.then, self.switch, self.offset = first, then, switch_step, offset
-        self.start, self.total = start_step, total_steps
-        self.accum = first.accum
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        if step < self.switch:
-            return self.first.indices(step, micro)
-        return [self.offset + i for i in self.then.indices(step - self.switch, micro)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start
-        while self.total is None or step < self.total:
-            for micro in range(self.accum):
-                yield self.indices(step, micro)
-            step += 1
-
-    def __len__(self) -> int:
-        if self.total is None:
-            raise TypeError("an endless sampler has no length")
-        return (self.total - self.start) * self.accum
 
 
 @dataclass
@@ -117,7 +80,32 @@ class RenderedDataset(Dataset):
             return Skipped(err.reason)
 
 
-class StepBatchSampler(Sampler[list[int]]):
+class StepSampler(Sampler[list[int]], ABC):
+    """Yields ``indices(step, micro)`` for every micro-batch of every step in ``[start, total)``;
+    subclasses define ``indices`` and set ``start``, ``total`` (None: endless) and ``accum``."""
+
+    start: int
+    total: int | None
+    accum: int
+
+    @abstractmethod
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Dataset indices of micro-batch ``micro`` of step ``step``."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while self.total is None or step < self.total:
+            for micro in range(self.accum):
+                yield self.indices(step, micro)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.total is None:
+            raise TypeError("an endless sampler has no length")
+        return (self.total - self.start) * self.accum
+
+
+class StepBatchSampler(StepSampler):
     """Index lists for every micro-batch of this rank, from ``start_step`` on (see module docstring).
 
     Args:
@@ -168,18 +156,30 @@ class StepBatchSampler(Sampler[list[int]]):
         base = step * self.global_batch + (micro * self.world + self.rank) * self.mb
         return [self.sample_at(base + j) for j in range(self.mb)]
 
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start
-        while self.total is None or step < self.total:
-            for micro in range(self.accum):
-                yield self.indices(step, micro)
-            step += 1
+class CurriculumSampler(StepSampler):
+    """Two :class:`StepBatchSampler` streams one after the other: steps ``[0, switch_step)`` read
+    ``first`` and later steps read ``then``, whose indices are offset by ``offset`` (the length of
+    the first dataset in a ``ConcatDataset([first, then])``).
 
-    def __len__(self) -> int:
-        if self.total is None:
-            raise TypeError("an endless sampler has no length")
-        return (self.total - self.start) * self.accum
+    ``then`` counts its own steps from 0 at the switch, so it starts at the beginning of its first
+    epoch; like the plain sampler, every index is a pure function of the step, so a run resumed
+    at any step, before or after the switch, reads the same samples.
+    """
 
+    def __init__(self, first: StepBatchSampler, then: StepBatchSampler, switch_step: int, offset: int,
+                 start_step: int = 0, total_steps: int | None = None):
+        if switch_step < 1:
+            raise ValueError(f"CurriculumSampler.switch_step must be >= 1; got {switch_step}")
+        if (first.mb, first.accum, first.world, first.rank) != (then.mb, then.accum, then.world, then.rank):
+            raise ValueError("the two streams of a curriculum must have the same micro-batch, accumulation and ranks")
+        self.first, self.then, self.switch, self.offset = first, then, switch_step, offset
+        self.start, self.total = start_step, total_steps
+        self.accum = first.accum
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        if step < self.switch:
+            return self.first.indices(step, micro)
+        return [self.offset + i for i in self.then.indices(step - self.switch, micro)]
 
 class TrainCollator:
     """Drops skipped samples (counting why), merges groups into shared-prefix samples, then
