@@ -152,8 +152,8 @@ class DataConfig:
     """What to train on and how images and text are prepared."""
 
     mixture: str = "easy_vqa:0.7,shapes:0.1,charts:0.05,multi_image:0.05,video:0.05,retrieval:0.05"
-    # A curriculum: the first `curriculum_steps` steps draw from `curriculum` instead of `mixture`
-    # (e.g. questions whose answers cannot be guessed from the text, before the full mix).
+    # A curriculum: the first `curriculum_steps` steps (at most half of train.steps) draw from
+    # `curriculum` instead of `mixture` (e.g. the visual concepts first, then the full mix).
     curriculum: str = ""
     curriculum_steps: int = 0
     resize: str = "resize"  # resize | letterbox | crop
@@ -252,8 +252,6 @@ class VLMConfig:
         need(bool(c.curriculum) == (c.curriculum_steps > 0), "data.curriculum",
              f"set both data.curriculum and data.curriculum_steps or neither; got {c.curriculum!r} for "
              f"{c.curriculum_steps} steps")
-        need(c.curriculum_steps < t.steps, "data.curriculum_steps",
-             f"{c.curriculum_steps} leaves no step of train.steps={t.steps} for data.mixture")
         from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
         import minivlm.model  # noqa: F401  (registers the built-in parts)
 
@@ -376,17 +374,26 @@ def apply_overrides(cfg: VLMConfig, assignments: list[str]) -> VLMConfig:
 def _tiny() -> VLMConfig:
     # Trains on a 2-core CPU in minutes: 64 px images, 8 px patches -> 64 patches, pixel shuffle 2
     # -> 16 image tokens; ~2.7M parameters.
-    # The defaults are the main job's recipe (`minivlm train`): a conv stem for shape questions,
-    # single-turn samples (multi-turn dialogues let later answers be read off earlier ones, and
-    # the model then never learns to look), and a schedule fitted to a 7.5-minute budget.
+    # The defaults are the main job's recipe (`minivlm train`), each part measured on easy-VQA:
+    # - a conv stem (shape needs a locality prior the 4-layer ViT cannot learn in minutes);
+    # - all questions about an image in one sequence (easy_vqa_grouped, shared-prefix branches):
+    #   ~3x the questions per second of one question per row, and no answer leaks between them;
+    # - a curriculum: shape and colour questions (and the synthetic tasks, whose first appearance
+    #   mid-run otherwise wipes out the shape features) before the full mix. Shape is the slowest
+    #   concept to learn and its signal drowns among the easy yes/no questions (74% of easy-VQA);
+    #   a shape-only start makes the encoder colour-blind, hence the open (shape + colour) share;
+    # - lr 5e-4 (1e-3 learns as fast but loses what the curriculum taught at the switch).
+    synthetic = "shapes:0.05,charts:0.05,multi_image:0.1,video:0.2,retrieval:0.05"
     return VLMConfig(
         name="tiny",
         encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512, stem="conv"),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
         decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,
                               max_seq_len=512),
-        train=TrainConfig(lr=2e-3, batch_size=48, warmup_steps=30, steps=3000, max_minutes=7.5, save_every=500),
-        data=DataConfig(max_length=128),
+        train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=3000, max_minutes=7.5, save_every=500),
+        data=DataConfig(mixture=f"easy_vqa_grouped:0.55,{synthetic}", packing=True, max_length=256,
+                        curriculum="easy_vqa_shape:0.35,easy_vqa_open:0.35,shapes:0.05,charts:0.05,multi_image:0.05,"
+                                   "video:0.1,retrieval:0.05", curriculum_steps=600),
     )
 
 

@@ -157,9 +157,11 @@ class Trainer:
         self.processor = processor
         self.dataset = dataset
         self.curriculum = curriculum
-        self.curriculum_steps = self.cfg.data.curriculum_steps if curriculum is not None else 0
+        # At most half the run, so a short run (`--steps 100`) keeps the recipe's proportions.
+        self.curriculum_steps = min(self.cfg.data.curriculum_steps, self.tcfg.steps // 2) if curriculum is not None else 0
         if curriculum is not None and not self.curriculum_steps:
-            raise ConfigError("data.curriculum_steps: expected > 0 when a curriculum dataset is given, got 0")
+            raise ConfigError(f"data.curriculum_steps: expected > 0 (and train.steps >= 2) when a curriculum dataset "
+                              f"is given, got {self.cfg.data.curriculum_steps} for train.steps={self.tcfg.steps}")
         apply_stage(self.model, scales)
         self._setup_lora(scales)
         if self.tcfg.activation_checkpointing:

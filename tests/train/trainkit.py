@@ -29,6 +29,7 @@ TINY_OVERRIDES = (
     "encoder.n_heads=2", "encoder.mlp_dim=64",
     "decoder.width=32", "decoder.n_layers=1", "decoder.n_heads=2", "decoder.n_kv_heads=1", "decoder.mlp_dim=64",
     "decoder.max_seq_len=128", "data.max_length=64",
+    "data.packing=false", "data.curriculum=", "data.curriculum_steps=0",  # plain batches, one dataset
     "train.precision=fp32", "train.lr=3e-3", "train.warmup_steps=2", "train.batch_size=4", "train.steps=6",
     "train.save_every=0", "train.log_every=1", "train.max_nonfinite=3",
 )
