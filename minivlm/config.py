@@ -390,10 +390,10 @@ def _tiny() -> VLMConfig:
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
         decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,
                               max_seq_len=512),
-        train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=3000, max_minutes=7.5, save_every=500),
+        train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=3000, max_minutes=8.5, save_every=500),
         data=DataConfig(mixture=f"easy_vqa_grouped:0.55,{synthetic}", packing=True, max_length=256,
-                        curriculum="easy_vqa_shape:0.35,easy_vqa_open:0.35,shapes:0.05,charts:0.05,multi_image:0.05,"
-                                   "video:0.1,retrieval:0.05", curriculum_steps=600),
+                        curriculum="easy_vqa_shape:0.45,easy_vqa_open:0.25,shapes:0.05,charts:0.05,multi_image:0.05,"
+                                   "video:0.1,retrieval:0.05", curriculum_steps=700),
     )
 
 
