@@ -43,8 +43,7 @@ from benchmarks.common import (
     Report,
     RunSettings,
     base_parser,
-    error_note,
-    release_memory,
+    measured_row,
     resolve_settings,
     time_ms,
 )
@@ -240,20 +239,16 @@ def run(settings: RunSettings) -> Report:
                 row: dict[str, Any] = {"kind": kind, "shape": shape.label(), "backend": name, "mode": mode,
                                        "ms": None, "tflops": None, "note": None}
                 reason = missing or skip_reason(name, mode, settings.device)
+                if reason is None and budget.spent:
+                    reason = "skipped: time budget spent"
                 if reason is not None:
                     row["note"] = reason
-                elif budget.spent:
-                    row["note"] = "skipped: time budget spent"
-                else:
-                    try:
-                        ms = time_ms(_runner(attend, shape, mode, dtype, settings.device), settings.device,
-                                     settings.warmup, settings.reps)
-                        row.update(ms=ms, tflops=useful_tflops(case, mode, ms))
-                    except (RuntimeError, NotImplementedError, ValueError) as error:
-                        # A benchmark records what failed (OOM, an unsupported shape) and goes on.
-                        row["note"] = error_note(error)
-                        release_memory(settings.device)  # the traceback held the failed row's tensors
-                report.add(row)
+                    report.add(row)
+                    continue
+                with measured_row(report, row, settings.device):
+                    ms = time_ms(_runner(attend, shape, mode, dtype, settings.device), settings.device,
+                                 settings.warmup, settings.reps)
+                    row.update(ms=ms, tflops=useful_tflops(case, mode, ms))
     report.payload["targets"] = target_ratios(report.rows)
     report.save()
     return report

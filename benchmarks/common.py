@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -318,6 +320,32 @@ class Report:
         env = self.payload["environment"]
         size = "small shapes" if self.settings.small else "full shapes"
         return f"== {self.name} ({size}) on {env['device']}, torch {env['torch']}, {env['date_utc']} UTC =="
+
+
+class RowSkipped(RuntimeError):
+    """A row that cannot run here (e.g. the peer library is missing): noted as ``skipped: ...``."""
+
+
+#: What one row may fail with while the run goes on (OOM, an unsupported shape, a compile error).
+ROW_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+
+
+@contextmanager
+def measured_row(report: "Report", row: dict[str, Any], device: torch.device) -> Iterator[dict[str, Any]]:
+    """Measure ``row`` inside the block, then free memory and add the row to ``report``.
+
+    A :data:`ROW_ERRORS` failure is recorded in the row's note instead of raised: one failing
+    configuration must not cost the rest of a scarce GPU run. Memory is released afterwards
+    because a traceback holds the failed row's tensors.
+    """
+    try:
+        yield row
+    except RowSkipped as error:
+        row["note"] = f"skipped: {error}"
+    except ROW_ERRORS as error:
+        row["note"] = error_note(error)
+    release_memory(device)
+    report.add(row)
 
 
 def error_note(error: BaseException) -> str:

@@ -32,12 +32,11 @@ from benchmarks.common import (
     Report,
     RunSettings,
     base_parser,
-    error_note,
-    release_memory,
+    measured_row,
     resolve_settings,
     synchronize,
 )
-from benchmarks.models import PeerUnavailable, benchmark_config, build_idefics3, build_minivlm, text_token_range
+from benchmarks.models import benchmark_config, build_idefics3, build_minivlm, text_token_range
 from benchmarks.tables import format_table
 from minivlm.config import VLMConfig
 
@@ -151,7 +150,7 @@ def run(settings: RunSettings, compile_choice: str = "auto") -> Report:
             row["note"] = "skipped: time budget spent"
             report.add(row)
             continue
-        try:
+        with measured_row(report, row, device):
             if implementation not in models:
                 build = build_minivlm if implementation == "minivlm" else build_idefics3
                 models[implementation] = build(config, device, dtype=dtype).eval()
@@ -164,13 +163,6 @@ def run(settings: RunSettings, compile_choice: str = "auto") -> Report:
                        ms_per_step=seconds / produced * 1e3, first_call_s=first)
             if produced != new_tokens:
                 row["note"] = f"generated {produced} tokens per row, not {new_tokens}"
-        except PeerUnavailable as error:
-            row["note"] = f"skipped: {error}"
-        except (RuntimeError, ValueError, NotImplementedError) as error:
-            # Recorded rather than raised: one failing configuration must not cost the rest of the run.
-            row["note"] = error_note(error)
-        release_memory(device)
-        report.add(row)
     report.payload["targets"] = targets(report.rows)
     report.save()
     return report

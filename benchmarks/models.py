@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.common import RowSkipped
 from minivlm.config import VLMConfig, preset
 from minivlm.model import VisionLanguageModel
 
@@ -41,7 +42,7 @@ from minivlm.model import VisionLanguageModel
 _HF_ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
-class PeerUnavailable(RuntimeError):
+class PeerUnavailable(RowSkipped):
     """transformers (or its Idefics3 classes) cannot be imported here."""
 
 

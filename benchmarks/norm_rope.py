@@ -28,8 +28,7 @@ from benchmarks.common import (
     Report,
     RunSettings,
     base_parser,
-    error_note,
-    release_memory,
+    measured_row,
     resolve_settings,
     time_ms,
 )
@@ -120,16 +119,11 @@ def run(settings: RunSettings, compile_choice: str = "auto") -> Report:
                     row["note"] = "skipped: time budget spent"
                     report.add(row)
                     continue
-                try:
+                with measured_row(report, row, device):
                     runner, n_bytes = case(dims, dtype, device, mode == "fwd+bwd", backend)
                     ms = time_ms(runner, device, max(settings.warmup, 2 if backend else 1), settings.reps)
                     gb_per_s = n_bytes / (ms * 1e-3) / 1e9
                     row.update(ms=ms, gb_per_s=gb_per_s, of_copy=gb_per_s / copy)
-                except (RuntimeError, ValueError, NotImplementedError) as error:
-                    # Recorded rather than raised: one failing configuration must not cost the rest of the run.
-                    row["note"] = error_note(error)
-                    release_memory(device)  # the traceback held the failed row's tensors
-                report.add(row)
     report.payload["decisions"] = decisions(report.rows, compile_backend is not None)
     report.save()
     return report

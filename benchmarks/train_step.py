@@ -51,7 +51,7 @@ from benchmarks.common import (
     Report,
     RunSettings,
     base_parser,
-    error_note,
+    measured_row,
     mib,
     peak_bf16_tflops,
     peak_memory_bytes,
@@ -61,7 +61,6 @@ from benchmarks.common import (
 )
 from benchmarks.models import (
     FlopModel,
-    PeerUnavailable,
     benchmark_config,
     build_idefics3,
     build_minivlm,
@@ -411,7 +410,7 @@ def run(settings: RunSettings, compile_choice: str = "auto", loss: str = "fused"
             row["note"] = "skipped: time budget spent"
             report.add(row)
             continue
-        try:
+        with measured_row(report, row, device):
             held = live.get(spec.implementation)
             if held is None or (held[0].compiled, held[0].attention) != (spec.compiled, spec.attention):
                 live.pop(spec.implementation, None)
@@ -434,14 +433,6 @@ def run(settings: RunSettings, compile_choice: str = "auto", loss: str = "fused"
                        first_step_s=result.first_step_s,
                        tokens_per_step=sum(b.tokens for b in data) / len(data),
                        samples_per_step=sum(b.samples for b in data) / len(data))
-        except PeerUnavailable as error:
-            row["note"] = f"skipped: {error}"
-        except (RuntimeError, ValueError, NotImplementedError) as error:
-            # Recorded rather than raised: one failing configuration (OOM, a compile error) must not
-            # cost the rest of a scarce GPU run.
-            row["note"] = error_note(error)
-        release_memory(device)
-        report.add(row)
     report.payload["ratios"] = speedups(report.rows)
     report.save()
     return report

@@ -223,14 +223,19 @@ class TrainCollator:
             return []
         if self.image_token_id is None:
             raise ValueError("grouped dataset items need TrainCollator(image_token_id=...) to merge them")
-        parts, current = [], [group.samples[0]]
-        for sample in group.samples[1:]:
-            merged = merge_shared_prefix(current + [sample], self.image_token_id)
-            if self.pack_length and len(merged["input_ids"]) > self.pack_length:
+        merged = merge_shared_prefix(group.samples, self.image_token_id)
+        if not self.pack_length or len(merged["input_ids"]) <= self.pack_length:
+            return [merged]
+        # Plan the split with the whole group's prefix: any subset shares at least that much.
+        prefix = merged["branch_ids"].count(0)
+        parts, current, length = [], [], prefix
+        for sample in group.samples:
+            branch = len(sample) - prefix
+            if current and length + branch > self.pack_length:
                 parts.append(current)
-                current = [sample]
-            else:
-                current.append(sample)
+                current, length = [], prefix
+            current.append(sample)
+            length += branch
         parts.append(current)
         return [merge_shared_prefix(part, self.image_token_id) for part in parts]
 
