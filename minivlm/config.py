@@ -47,6 +47,7 @@ class EncoderConfig:
     feature_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
     patch_bias: bool = True
     stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
+    pos_embed: str = "learned"  # learned | sincos2d (fixed 2-D sin-cos; Beyer et al. 2022)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
@@ -217,6 +218,10 @@ class VLMConfig:
         need(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
         need(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
              f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
+        need(e.pos_embed in ("learned", "sincos2d"), "encoder.pos_embed",
+             f"expected learned | sincos2d, got {e.pos_embed!r}")
+        need(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
+             f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
         need(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
              f"expected none | cls | mean | map, got {e.pooling!r}")
         need(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")

@@ -150,8 +150,10 @@ def test_left_padded_rows_match_unpadded_rows_with_cache():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    cfg = preset("tiny").override("fusion=cross_attention", "decoder.tie_embeddings=false")
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos2d"])
+def test_save_and_load_round_trip(tmp_path, pos_embed):
+    cfg = preset("tiny").override("fusion=cross_attention", "decoder.tie_embeddings=false",
+                                  f"encoder.pos_embed={pos_embed}")
     model = VisionLanguageModel(cfg).eval()
     for b in model.fusion.blocks:
         b.attn_gate.data.fill_(0.5)

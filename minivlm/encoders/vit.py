@@ -121,6 +121,26 @@ class ConvStem(nn.Module):
         return self.layers(x) + self.linear(x)
 
 
+def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings: ``[h*w, dim]``, row-major like the patches.
+
+    A quarter of the channels each for ``sin(x)``, ``cos(x)``, ``sin(y)``, ``cos(y)`` at
+    geometrically spaced frequencies (big_vision ``posemb_sincos_2d``; Beyer et al. 2022, "Better
+    plain ViT baselines for ImageNet-1k"). Entries have RMS ~0.7, the scale of unit-variance patch
+    features, so position is a strong signal from the first step, where a learned table initialised
+    at std 0.02 is 2% of it and grows only as fast as the optimiser moves it.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos 2-D position embeddings need a width divisible by 4; got {dim}")
+    h, w = grid
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(quarter - 1, 1))
+    x = x.reshape(-1, 1) * omega
+    y = y.reshape(-1, 1) * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
 def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], n_prefix: int, old_grid: tuple[int, int] | None = None) -> Tensor:
     """Bicubically resample learned position embeddings to another patch grid.
 
@@ -163,12 +183,21 @@ class VisionTransformer(nn.Module):
             self.patch_embed = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.n_prefix = 1 if cfg.class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.randn(1, self.n_prefix + cfg.n_patches, D) * 0.02)
+        if cfg.pos_embed == "sincos2d":
+            # A buffer, not a parameter: fixed, rebuilt on load, never decayed or trained.
+            self.register_buffer("pos_embed", self._sincos((cfg.grid_size, cfg.grid_size)), persistent=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.randn(1, self.n_prefix + cfg.n_patches, D) * 0.02)
         self.ln_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
         self.pool_head = AttentionPoolHead(cfg) if cfg.pooling == "map" else None
         self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else None
+
+    def _sincos(self, grid: tuple[int, int]) -> Tensor:
+        """``[1, n_prefix + h*w, D]`` fixed embeddings; the class-token slot gets zeros."""
+        patches = sincos_2d_pos_embed(grid, self.cfg.width)
+        return torch.cat([patches.new_zeros(self.n_prefix, self.cfg.width), patches]).unsqueeze(0)
 
     @property
     def out_dim(self) -> int:
@@ -196,7 +225,9 @@ class VisionTransformer(nn.Module):
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
         pos = self.pos_embed
-        if grid != (self.cfg.grid_size, self.cfg.grid_size):
+        if grid != (self.cfg.grid_size, self.cfg.grid_size) and self.cfg.pos_embed == "sincos2d":
+            pos = self._sincos(grid).to(pos.device)  # fixed embeddings are defined on any grid
+        elif grid != (self.cfg.grid_size, self.cfg.grid_size):
             # Another resolution than trained: resample (timm's dynamic_img_size).
             pos = resize_pos_embed(pos, grid, self.n_prefix, (self.cfg.grid_size, self.cfg.grid_size))
         if self.cls_token is not None:

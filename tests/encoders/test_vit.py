@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minivlm.config import EncoderConfig
-from minivlm.encoders.vit import VisionTransformer, resize_pos_embed
+from minivlm.encoders.vit import VisionTransformer, resize_pos_embed, sincos_2d_pos_embed
 
 
 def small(**kw):
@@ -86,3 +86,44 @@ def test_conv_stem_needs_a_power_of_two_patch():
 
     with pytest.raises(ConfigError, match="encoder.stem"):
         preset("tiny").override("encoder.stem=conv", "encoder.patch_size=12", "encoder.image_size=48").validate()
+
+
+def test_sincos_2d_values_follow_the_formula():
+    pe = sincos_2d_pos_embed((2, 3), 8)  # 2 frequencies per quarter: 1 and 1/10000
+    assert pe.shape == (6, 8)
+    row, col = 1, 2  # patch 5 in row-major order
+    omega = torch.tensor([1.0, 1e-4])
+    expected = torch.cat([(col * omega).sin(), (col * omega).cos(), (row * omega).sin(), (row * omega).cos()])
+    torch.testing.assert_close(pe[5], expected)
+    # every patch gets its own code
+    assert torch.cdist(pe, pe).add(torch.eye(6) * 1e3).min() > 0.1
+
+
+def test_sincos_2d_needs_a_width_divisible_by_four():
+    with pytest.raises(ValueError, match="divisible by 4; got 6"):
+        sincos_2d_pos_embed((2, 2), 6)
+    from minivlm import preset
+    from minivlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="encoder.pos_embed"):
+        preset("tiny").override("encoder.pos_embed=sincos2d", "encoder.width=130", "encoder.n_heads=2").validate()
+    with pytest.raises(ConfigError, match="expected learned | sincos2d, got 'rope'"):
+        preset("tiny").override("encoder.pos_embed=rope").validate()
+
+
+def test_sincos_position_embeddings_are_fixed_and_not_saved():
+    enc = small(pos_embed="sincos2d", class_token=True, pooling="cls")
+    assert "pos_embed" not in dict(enc.named_parameters())
+    assert "pos_embed" not in enc.state_dict()  # rebuilt from the config on load
+    torch.testing.assert_close(enc.pos_embed[0, 0], torch.zeros(32))  # the class-token slot
+    torch.testing.assert_close(enc.pos_embed[0, 1:], sincos_2d_pos_embed((4, 4), 32))
+    assert 0.5 < enc.pos_embed[0, 1:].pow(2).mean().sqrt() < 1.0  # the scale of unit patch features
+
+
+def test_sincos_at_another_resolution_uses_the_exact_grid_code():
+    enc = small(pos_embed="sincos2d")
+    x = torch.randn(1, 3, 48, 40)  # a 6x5 grid
+    with torch.no_grad():
+        patches = enc.patch_embed(x).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(enc.embed(x), patches + sincos_2d_pos_embed((6, 5), 32))
+        assert enc(x).shape == (1, 30, 32)
