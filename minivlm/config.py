@@ -135,6 +135,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     fused_loss: bool = True  # LM head + cross-entropy in token chunks, no [tokens, vocab] logits (kernels/fused_ce.py)
+    loss_weighting: str = "token"  # token | sample | square: each sample's share of the loss (train/loss_weighting.py)
     activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 0
@@ -250,6 +251,8 @@ class VLMConfig:
              f"expected auto | fp32 | bf16 | fp16, got {t.precision!r}")
         need(t.schedule in ("cosine", "linear", "constant"), "train.schedule",
              f"expected cosine | linear | constant, got {t.schedule!r}")
+        need(t.loss_weighting in ("token", "sample", "square"), "train.loss_weighting",
+             f"expected token | sample | square, got {t.loss_weighting!r}")
         need(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
              f"expected resize | letterbox | crop, got {self.data.resize!r}")
         c = self.data

@@ -40,9 +40,11 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 @dataclass
 class VLMOutput:
-    """loss: mean cross-entropy over supervised tokens (None without labels).
-    loss_sum / n_supervised: the same as a sum and a count, for global normalisation across
-    micro-batches and ranks. logits: ``[B, T, V]`` (None when ``return_logits=False``).
+    """loss: mean cross-entropy over supervised tokens (None without labels); with
+    ``loss_weights``, the weighted mean.
+    loss_sum / n_supervised: the same as a sum and a count (the total weight, with
+    ``loss_weights``), for global normalisation across micro-batches and ranks.
+    logits: ``[B, T, V]`` (None when ``return_logits=False``).
     hidden: ``[B, T, D]`` final decoder states."""
 
     loss: Tensor | None
@@ -150,6 +152,7 @@ class VisionLanguageModel(nn.Module):
         branch_ids: Tensor | None = None,
         cache: StaticKVCache | None = None,
         return_logits: bool = True,
+        loss_weights: Tensor | None = None,
     ) -> VLMOutput:
         """Run the model.
 
@@ -166,6 +169,8 @@ class VisionLanguageModel(nn.Module):
             cache: a :class:`StaticKVCache` for incremental decoding.
             return_logits: False skips the full ``[B, T, V]`` logits (the loss then projects only
                 supervised positions).
+            loss_weights: ``[B, T]`` float, aligned with ``labels``: each supervised token's weight
+                in the loss (:mod:`minivlm.train.loss_weighting`); default 1.
         """
         self._check_ids(input_ids)
         B, T = input_ids.shape
@@ -205,12 +210,17 @@ class VisionLanguageModel(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must match input_ids {list(input_ids.shape)}; got {list(labels.shape)}")
-            loss_sum, n_sup = self.loss_sum(hidden, labels, logits)
-            loss = loss_sum / n_sup.clamp_min(1)
+            if loss_weights is not None and loss_weights.shape != labels.shape:
+                raise ValueError(f"loss_weights must match labels {list(labels.shape)}; got {list(loss_weights.shape)}")
+            loss_sum, n_sup = self.loss_sum(hidden, labels, logits, loss_weights)
+            floor = 1 if loss_weights is None else torch.finfo(torch.float32).tiny  # weight totals may be < 1
+            loss = loss_sum / n_sup.clamp_min(floor)  # nothing supervised: 0, not nan
         return VLMOutput(loss=loss, logits=logits, hidden=hidden, loss_sum=loss_sum, n_supervised=n_sup)
 
-    def loss_sum(self, hidden: Tensor, labels: Tensor, logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Summed next-token cross-entropy and the number of supervised tokens.
+    def loss_sum(self, hidden: Tensor, labels: Tensor, logits: Tensor | None = None,
+                 loss_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Summed next-token cross-entropy and the number of supervised tokens; with
+        ``loss_weights [B, T]``, the weighted sum and the supervised tokens' total weight.
 
         Position ``t`` predicts ``labels[t + 1]``. Only supervised positions are projected to the
         vocabulary when no logits are given: in VLM instruction data most tokens are prompt or
@@ -221,16 +231,22 @@ class VisionLanguageModel(nn.Module):
         """
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        n_sup = keep.sum()
+        weights = None if loss_weights is None else loss_weights[:, 1:][keep].float()
+        n_sup = keep.sum() if weights is None else weights.sum()
+
+        def cross_entropy(sel_logits: Tensor) -> Tensor:
+            if weights is None:
+                return F.cross_entropy(sel_logits.float(), targets[keep], reduction="sum")
+            return (F.cross_entropy(sel_logits.float(), targets[keep], reduction="none") * weights).sum()
+
         if logits is not None:
-            return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), n_sup
+            return cross_entropy(logits[:, :-1][keep]), n_sup
         head = self.decoder.lm_head
         if self.config.train.fused_loss and type(head) is nn.Linear and head.bias is None:
             # Chunked head + loss: the [tokens, vocab] logits never exist (a LoRA-adapted head
             # is not a plain nn.Linear and takes the unfused path).
-            return fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep]), n_sup
-        sel_logits = self.decoder.logits(hidden[:, :-1][keep])
-        return F.cross_entropy(sel_logits.float(), targets[keep], reduction="sum"), n_sup
+            return fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], row_weights=weights), n_sup
+        return cross_entropy(self.decoder.logits(hidden[:, :-1][keep])), n_sup
 
     # ---- checkpoints ------------------------------------------------------------------------
     def _tied_keys(self) -> set[str]:

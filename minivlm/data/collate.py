@@ -44,6 +44,7 @@ class _Sample:
     pixel_values: Tensor | None
     position_ids: list[int] | None = None  # set by merge_shared_prefix; default 0..n-1
     branch_ids: list[int] | None = None  # set by merge_shared_prefix; default all 0 (no branches)
+    loss_weights: list[float] | None = None  # per-token loss weight; default 1 (minivlm.train.loss_weighting)
 
     def positions(self) -> Tensor:
         return torch.tensor(self.position_ids) if self.position_ids is not None else torch.arange(len(self))
@@ -70,7 +71,7 @@ def _as_sample(sample: Any, index: int) -> _Sample:
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
         raise ValueError(f"sample #{index} pixel_values must be a [n_views, 3, H, W] tensor or None; got {shape}")
     extra = {}
-    for key in ("position_ids", "branch_ids"):
+    for key in ("position_ids", "branch_ids", "loss_weights"):
         values = get(key)
         if values is not None:
             values = values.tolist() if isinstance(values, Tensor) else list(values)
@@ -83,6 +84,17 @@ def _as_sample(sample: Any, index: int) -> _Sample:
 def _branch_tensor(parsed: Sequence[_Sample], shape: tuple[int, int]) -> Tensor | None:
     """A zero ``[R, T]`` branch-id tensor when some sample has branches (filled by the caller)."""
     return torch.zeros(shape, dtype=torch.long) if any(s.branch_ids is not None for s in parsed) else None
+
+
+def _weight_tensor(parsed: Sequence[_Sample], shape: tuple[int, int]) -> Tensor | None:
+    """A zero float ``[R, T]`` loss-weight tensor when some sample has loss weights; samples
+    without them weigh 1 (filled by the caller, :func:`_fill_weights`)."""
+    return torch.zeros(shape, dtype=torch.float32) if any(s.loss_weights is not None for s in parsed) else None
+
+
+def _fill_weights(weights: Tensor | None, row: int, columns: slice, sample: _Sample) -> None:
+    if weights is not None:
+        weights[row, columns] = torch.tensor(sample.loss_weights) if sample.loss_weights is not None else 1.0
 
 
 def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str, Any]:
@@ -106,6 +118,9 @@ def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str
 
     Raises:
         ValueError: no samples; samples whose images differ or are not all inside the shared prefix.
+
+    Samples with ``loss_weights`` keep them on their branch tokens (the result then has
+    ``loss_weights``, 0 on the prefix, which carries no label).
     """
     if not samples:
         raise ValueError("merge_shared_prefix needs at least one sample")
@@ -130,6 +145,8 @@ def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str
                              f"merge_shared_prefix expects every sample of a group to show the same images")
     input_ids, labels = list(first.input_ids[:n]), [IGNORE_INDEX] * n
     position_ids, branch_ids = list(range(n)), [0] * n
+    weighted = any(s.loss_weights is not None for s in parsed)
+    loss_weights = [0.0] * n
     for branch, s in enumerate(parsed, start=1):
         rest = len(s) - n
         input_ids += s.input_ids[n:]
@@ -138,8 +155,12 @@ def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str
         labels += ([IGNORE_INDEX] + s.labels[1:]) if n == 0 else s.labels[n:]
         position_ids += range(n, n + rest)
         branch_ids += [branch] * rest
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids,
-            "pixel_values": first.pixel_values}
+        loss_weights += s.loss_weights[n:] if s.loss_weights is not None else [1.0] * rest
+    merged = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "branch_ids": branch_ids,
+              "pixel_values": first.pixel_values}
+    if weighted:
+        merged["loss_weights"] = loss_weights
+    return merged
 
 
 def _concat_views(views: Sequence[Tensor | None]) -> Tensor | None:
@@ -164,7 +185,8 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
         ``input_ids`` ``[B, T]`` long (``pad_id`` on padding), ``labels`` ``[B, T]`` long (-100
         on padding and on each first token), ``attention_mask`` ``[B, T]`` bool (True = real
         token), ``position_ids`` ``[B, T]`` long (0 on padding), ``pixel_values``
-        ``[N, 3, H, W]`` (all views in batch order) or None.
+        ``[N, 3, H, W]`` (all views in batch order) or None. Plus ``branch_ids`` ``[B, T]`` long
+        and ``loss_weights`` ``[B, T]`` float when some sample has them.
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side must be one of {PADDING_SIDES}; got {padding_side!r}")
@@ -177,6 +199,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
     attention_mask = torch.zeros((batch, width), dtype=torch.bool)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
     branch_ids = _branch_tensor(parsed, (batch, width))
+    loss_weights = _weight_tensor(parsed, (batch, width))
     for row, sample in enumerate(parsed):
         n = len(sample)
         start = 0 if padding_side == "right" else width - n
@@ -188,6 +211,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
         position_ids[row, columns] = sample.positions()
         if sample.branch_ids is not None:
             branch_ids[row, columns] = torch.tensor(sample.branch_ids)
+        _fill_weights(loss_weights, row, columns, sample)
     batch_dict = {
         "input_ids": input_ids,
         "labels": labels,
@@ -197,6 +221,8 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
     }
     if branch_ids is not None:
         batch_dict["branch_ids"] = branch_ids
+    if loss_weights is not None:
+        batch_dict["loss_weights"] = loss_weights
     return batch_dict
 
 
@@ -246,6 +272,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
         ``[R, max_length]`` bool; ``document_ids`` ``[R, max_length]`` long (0, 1, 2... per row,
         -1 on padding); ``pixel_values`` ``[N, 3, H, W]`` in packed placeholder order, or None;
         ``packing_efficiency``: fraction of the ``R * max_length`` slots holding real tokens.
+        Plus ``branch_ids`` and ``loss_weights`` (float) ``[R, max_length]`` when some sample has them.
     """
     if not samples:
         raise ValueError("pack_collate needs at least one sample")
@@ -257,6 +284,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     position_ids = torch.zeros(shape, dtype=torch.long)
     document_ids = torch.full(shape, -1, dtype=torch.long)
     branch_ids = _branch_tensor(parsed, shape)
+    loss_weights = _weight_tensor(parsed, shape)
     views = []
     for row, members in enumerate(plan):
         start = 0
@@ -271,6 +299,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
             document_ids[row, columns] = document
             if sample.branch_ids is not None:
                 branch_ids[row, columns] = torch.tensor(sample.branch_ids)
+            _fill_weights(loss_weights, row, columns, sample)
             views.append(sample.pixel_values)
             start += n
     n_real = sum(len(s) for s in parsed)
@@ -289,6 +318,8 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     }
     if branch_ids is not None:
         batch["branch_ids"] = branch_ids
+    if loss_weights is not None:
+        batch["loss_weights"] = loss_weights
     return batch
 
 

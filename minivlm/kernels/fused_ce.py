@@ -101,19 +101,23 @@ class _LossSpec:
 
 
 def _chunked_loss(
-    hidden: Tensor, weight: Tensor, targets: Tensor, spec: _LossSpec
+    hidden: Tensor, weight: Tensor, targets: Tensor, row_weights: Tensor | None, spec: _LossSpec
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Loss over ``hidden [N, D]``, ``weight [V, D]``, ``targets [N]``, and the requested gradients.
+    """Loss over ``hidden [N, D]``, ``weight [V, D]``, ``targets [N]`` (rows scaled by
+    ``row_weights [N]`` when given), and the requested gradients.
 
     Returns ``(loss, grad_hidden [N, D] in hidden's dtype or None, grad_weight [V, D] in weight's
     dtype or None)``; the gradients are those of ``loss`` itself (incoming gradient 1).
     """
     n_tokens = hidden.shape[0]
     valid = targets != spec.ignore_index
-    # mean: one scale for every row, 1 / (number of supervised tokens); nothing supervised -> 0
-    # loss and 0 gradient (F.cross_entropy would return nan).
+    # mean: one scale for every row, 1 / (number of supervised tokens, or their total weight);
+    # nothing supervised -> 0 loss and 0 gradient (F.cross_entropy would return nan).
+    if row_weights is not None:
+        row_weights = torch.where(valid, row_weights.to(torch.float32), 0.0)
     if spec.reduction == "mean":
-        row_scale = 1.0 / valid.sum().clamp_min(1).to(torch.float32)
+        total = valid.sum().to(torch.float32) if row_weights is None else row_weights.sum()
+        row_scale = torch.where(total > 0, 1.0 / total, 0.0)
     else:
         row_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
     safe_targets = torch.where(valid, targets, 0).long()  # gather/scatter index dtype
@@ -132,14 +136,16 @@ def _chunked_loss(
         lse = torch.logsumexp(logits, dim=-1)  # [C]
         target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
         chunk_valid = valid[rows]
-        loss = loss + torch.where(chunk_valid, lse - target_logit, 0.0).sum()
+        # Per-row factor on loss and gradient: 1 on supervised rows (or the row's weight), 0 elsewhere.
+        chunk_factor = chunk_valid.to(torch.float32) if row_weights is None else row_weights[rows]
+        loss = loss + torch.where(chunk_valid, (lse - target_logit) * chunk_factor, 0.0).sum()
         if grad_hidden is None and grad_weight is None:
             continue
         # d loss / d logits = (softmax - onehot) * scale on supervised rows, 0 elsewhere; built
         # in place in the fp32 logits buffer so the chunk costs one [C, V] fp32 tensor.
         d_logits = logits.sub_(lse[:, None]).exp_()
         d_logits.scatter_add_(1, safe_targets[rows, None], -chunk_valid[:, None].to(torch.float32))
-        d_logits.mul_((chunk_valid.to(torch.float32) * row_scale)[:, None])
+        d_logits.mul_((chunk_factor * row_scale)[:, None])
         d_logits = d_logits.to(grad_dtype)
         if grad_hidden is not None:
             grad_hidden[rows] = d_logits @ weight_g
@@ -163,24 +169,26 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Autograd wrapper: gradients come from the forward pass, backward only rescales them."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, spec: _LossSpec) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, row_weights: Tensor | None,
+                spec: _LossSpec) -> Tensor:
         with _autocast_disabled(hidden.device.type):
-            loss, grad_hidden, grad_weight = _chunked_loss(hidden, weight, targets, spec)
+            loss, grad_hidden, grad_weight = _chunked_loss(hidden, weight, targets, row_weights, spec)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         grad_hidden, grad_weight = ctx.saved_tensors
         # Out of place: a second backward through a retained graph must see the stored gradients.
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def _validate(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, chunk_size: int | None) -> None:
+def _validate(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, chunk_size: int | None,
+              row_weights: Tensor | None = None) -> None:
     if hidden.ndim < 1 or weight.ndim != 2:
         raise ValueError(
             f"expected hidden [..., D] and weight [V, D]; "
@@ -206,6 +214,12 @@ def _validate(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str, c
         raise ValueError(f"chunk_size must be None (automatic) or an integer >= 1; got {chunk_size!r}")
     if not hidden.is_floating_point() or not weight.is_floating_point():
         raise ValueError(f"hidden and weight must be floating point; got {hidden.dtype} and {weight.dtype}")
+    if row_weights is not None and (row_weights.shape != targets.shape or not row_weights.is_floating_point()
+                                    or row_weights.device != targets.device):
+        raise ValueError(
+            f"row_weights must be a floating tensor shaped like targets {tuple(targets.shape)} on {targets.device}; "
+            f"got {row_weights.dtype} {tuple(row_weights.shape)} on {row_weights.device}"
+        )
 
 
 def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
@@ -230,6 +244,7 @@ def fused_linear_cross_entropy(
     ignore_index: int = IGNORE_INDEX,
     reduction: str = "sum",
     chunk_size: int | None = None,
+    row_weights: Tensor | None = None,
 ) -> Tensor:
     """``cross_entropy(hidden @ weight.T, targets)`` without the ``[N, V]`` logits tensor.
 
@@ -246,6 +261,9 @@ def fused_linear_cross_entropy(
         reduction: ``"sum"`` (the trainer's global normalisation) or ``"mean"`` over the
             supervised rows (0 when there are none, where ``F.cross_entropy`` gives nan).
         chunk_size: tokens per chunk; None picks :func:`auto_chunk_size`.
+        row_weights: ``[...]`` like ``targets``, a factor on each row's loss and gradient
+            (per-sample loss weighting, :mod:`minivlm.train.loss_weighting`); ``"mean"`` then
+            divides by the supervised rows' total weight. Not differentiated.
     Returns:
         A 0-d fp32 tensor.
     Raises:
@@ -255,10 +273,11 @@ def fused_linear_cross_entropy(
     Runs eagerly under ``torch.compile`` (``torch.compiler.disable``): the chunk loop's trip count
     follows the number of supervised tokens, which would recompile the graph every step.
     """
-    _validate(hidden, weight, targets, reduction, chunk_size)
+    _validate(hidden, weight, targets, reduction, chunk_size, row_weights)
     compute_dtype = _compute_dtype(hidden, weight)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
+    flat_weights = None if row_weights is None else row_weights.detach().reshape(-1)
     n_tokens = flat_hidden.shape[0]
     if chunk_size is None:
         chunk_size = auto_chunk_size(n_tokens, weight.shape[0])
@@ -275,18 +294,25 @@ def fused_linear_cross_entropy(
                  chunk_size, compute_dtype)
     if not (spec.grad_hidden or spec.grad_weight):
         with _autocast_disabled(hidden.device.type):
-            return _chunked_loss(flat_hidden, weight, flat_targets, spec)[0]
-    return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_targets, spec)
+            return _chunked_loss(flat_hidden, weight, flat_targets, flat_weights, spec)[0]
+    return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_targets, flat_weights, spec)
 
 
 def naive_linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX, reduction: str = "sum"
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX, reduction: str = "sum",
+    row_weights: Tensor | None = None,
 ) -> Tensor:
     """The reference: full ``[N, V]`` logits, fp32 cross-entropy (what ``VisionLanguageModel.loss_sum``
     computes without fusion). Same contract as :func:`fused_linear_cross_entropy`, except that a
     ``"mean"`` over zero supervised rows is nan, as in ``F.cross_entropy``."""
-    _validate(hidden, weight, targets, reduction, None)
+    _validate(hidden, weight, targets, reduction, None, row_weights)
     logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight)
-    return torch.nn.functional.cross_entropy(
-        logits.float(), targets.reshape(-1).long(), ignore_index=ignore_index, reduction=reduction
-    )
+    flat_targets = targets.reshape(-1).long()
+    if row_weights is None:
+        return torch.nn.functional.cross_entropy(logits.float(), flat_targets, ignore_index=ignore_index,
+                                                 reduction=reduction)
+    per_row = torch.nn.functional.cross_entropy(logits.float(), flat_targets, ignore_index=ignore_index,
+                                                reduction="none")
+    factor = torch.where(flat_targets != ignore_index, row_weights.reshape(-1).float(), 0.0)
+    total = (per_row * factor).sum()
+    return total if reduction == "sum" else total / factor.sum()

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from minivlm.data.collate import Packer, merge_shared_prefix, pad_collate
 from minivlm.text.processor import Processor, SampleSkipped
+from minivlm.train.loss_weighting import sample_loss_weight
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,20 @@ class RenderedGroup:
 
     samples: list[Any]
     skipped: list[str]
+
+
+@dataclass
+class WeightedSample:
+    """A rendered sample whose tokens carry loss weights (:mod:`minivlm.train.loss_weighting`)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor
+    n_supervised: int
+    loss_weights: list[float]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 class RenderedDataset(Dataset):
@@ -182,18 +197,22 @@ class CurriculumSampler(StepSampler):
         return [self.offset + i for i in self.then.indices(step - self.switch, micro)]
 
 class TrainCollator:
-    """Drops skipped samples (counting why), merges groups into shared-prefix samples, then
-    pads or packs.
+    """Drops skipped samples (counting why), weights their tokens (``loss_weighting``, see
+    :mod:`minivlm.train.loss_weighting`; a group is one sample), merges groups into shared-prefix
+    samples, then pads or packs.
 
     The returned dict holds the model inputs plus ``skipped`` (a Counter of reasons) and
     ``n_samples`` (samples kept, each member of a group counted; 0 means the micro-batch is
     empty and has no model inputs).
     """
 
-    def __init__(self, pad_id: int, pack_length: int | None = None, image_token_id: int | None = None):
+    def __init__(self, pad_id: int, pack_length: int | None = None, image_token_id: int | None = None,
+                 loss_weighting: str = "token"):
+        sample_loss_weight(1, loss_weighting)  # rejects an unknown weighting before any batch
         self.pad_id = pad_id
         self.pack_length = pack_length
         self.image_token_id = image_token_id
+        self.loss_weighting = loss_weighting
         self.packer = Packer(pack_length, pad_id) if pack_length else None
 
     def __call__(self, items: list[Any]) -> dict[str, Any]:
@@ -205,10 +224,11 @@ class TrainCollator:
                 skipped[item.reason] += 1
             elif isinstance(item, RenderedGroup):
                 skipped.update(item.skipped)
-                samples.extend(self._merge(item))
+                members = self._weighted(item.samples)
+                samples.extend(self._merge(RenderedGroup(members, item.skipped)))
                 n_samples += len(item.samples)
             else:
-                samples.append(item)
+                samples.extend(self._weighted([item]))
                 n_samples += 1
         batch: dict[str, Any] = {}
         if samples:
@@ -216,6 +236,14 @@ class TrainCollator:
         batch["skipped"] = skipped
         batch["n_samples"] = n_samples
         return batch
+
+    def _weighted(self, members: list[Any]) -> list[Any]:
+        """``members`` (one sample, or a group's) with every token weighted by their total count."""
+        if self.loss_weighting == "token":
+            return members  # no weights: the plain token mean, and no extra tensor
+        weight = sample_loss_weight(sum(m.n_supervised for m in members), self.loss_weighting)
+        return [WeightedSample(m.input_ids, m.labels, m.pixel_values, m.n_supervised, [weight] * len(m.input_ids))
+                for m in members]
 
     def _merge(self, group: RenderedGroup) -> list[Any]:
         """One shared-prefix sample for the group, split into as few as fit ``pack_length``."""
@@ -241,7 +269,7 @@ class TrainCollator:
 
 
 def make_loader(dataset: Dataset, processor: Processor, sampler: StepBatchSampler, *, packing: bool,
-                max_length: int, num_workers: int = 0, seed: int = 0) -> DataLoader:
+                max_length: int, num_workers: int = 0, seed: int = 0, loss_weighting: str = "token") -> DataLoader:
     """A loader over ``sampler``'s micro-batches.
 
     The loader gets its own generator, seeded by ``(seed, start step)``: without one, creating
@@ -250,7 +278,7 @@ def make_loader(dataset: Dataset, processor: Processor, sampler: StepBatchSample
     uninterrupted run.
     """
     collate = TrainCollator(processor.tokenizer.pad_id, max_length if packing else None,
-                            processor.tokenizer.image_token_id)
+                            processor.tokenizer.image_token_id, loss_weighting)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + sampler.start)
     return DataLoader(RenderedDataset(dataset, processor), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, persistent_workers=num_workers > 0,
@@ -261,6 +289,15 @@ def supervised_tokens(batch: dict[str, Any]) -> int:
     """Tokens that carry a loss after the one-position shift (as the model counts them)."""
     labels = batch.get("labels")
     return 0 if labels is None else int((labels[:, 1:] != -100).sum())
+
+
+def supervised_weight(batch: dict[str, Any]) -> float:
+    """The loss's normaliser for this batch: the total ``loss_weights`` of its supervised tokens
+    (as the model sums them), or their number when the batch carries no weights."""
+    weights, labels = batch.get("loss_weights"), batch.get("labels")
+    if weights is None or labels is None:
+        return float(supervised_tokens(batch))
+    return float(weights[:, 1:][labels[:, 1:] != -100].double().sum())
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

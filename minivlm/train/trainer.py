@@ -5,7 +5,8 @@ step is normalised by the supervised tokens of the *whole global batch*: each mi
 contributes ``loss_sum / N_global``, so a sample's weight does not depend on how many tokens
 its micro-batch happened to hold (per-micro-batch means over-weight short batches). The
 gradient of a step is therefore the gradient of one big batch's mean token loss, however it
-is split across micro-batches and ranks.
+is split across micro-batches and ranks. With ``train.loss_weighting`` other than ``token``,
+tokens carry weights (:mod:`minivlm.train.loss_weighting`) and ``N_global`` is their total.
 
 Exact resume: a checkpoint holds the weights, the optimizer and gradient-scaler states, the
 schedule position, every global RNG and the data position (the step: see :mod:`minivlm.train.data`).
@@ -44,6 +45,7 @@ from minivlm.train.data import (
     TrainCollator,
     make_loader,
     supervised_tokens,
+    supervised_weight,
     to_device,
 )
 from minivlm.train.distributed import DistributedContext
@@ -55,7 +57,7 @@ from minivlm.train.stages import apply_stage, part_lr_scales
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "document_ids",
-                "branch_ids")
+                "branch_ids", "loss_weights")
 #: Samples tried in order to find one usable micro-batch when a rank's first step has none.
 _FILLER_SEARCH = 1000
 
@@ -370,7 +372,7 @@ class Trainer:
         sampler, data = self._sampler_and_data()
         loader = make_loader(data, self.processor, sampler, packing=self.cfg.data.packing,
                              max_length=self.cfg.data.max_length, num_workers=self.cfg.data.num_workers,
-                             seed=self.data_seed)
+                             seed=self.data_seed, loss_weighting=self.tcfg.loss_weighting)
         batches = iter(loader)
         previous_handlers = self._install_signal_handlers()
         history: list[dict[str, Any]] = []
@@ -434,8 +436,10 @@ class Trainer:
         micro = [to_device(next(batches), self.device) for _ in range(self.tcfg.grad_accum)]
         usable = [b for b in micro if b["n_samples"]]
         skipped = sum((b["skipped"] for b in micro), Counter())
-        n_global, n_skipped = self.dist.all_reduce_sums(sum(supervised_tokens(b) for b in usable),
-                                                        sum(skipped.values()))
+        # n_global normalises the loss: the supervised tokens' count, or their total loss weight.
+        n_global, n_tokens, n_skipped = self.dist.all_reduce_sums(sum(supervised_weight(b) for b in usable),
+                                                                  sum(supervised_tokens(b) for b in usable),
+                                                                  sum(skipped.values()))
         if n_skipped:
             self.skipped_samples.update(self.dist.gather_counts(skipped))
         multiplier = lr_multiplier(self.step, self.total_steps, self.tcfg)
@@ -452,12 +456,12 @@ class Trainer:
             loss_sum += self._micro_step(batch, weight if counted else 0.0, sync=i == len(passes) - 1)
         total_loss, step_tokens = self.dist.all_reduce_sums(float(loss_sum),
                                                             sum(int(b["attention_mask"].sum()) for b in usable))
-        loss = total_loss / max(n_global, 1)
+        loss = total_loss / n_global if n_global > 0 else 0.0
         outcome, grad_norm = self._update(loss, n_global)
         self.step += 1
         record = {"step": self.step, "loss": loss if math.isfinite(loss) else None, "lr": self.tcfg.lr * multiplier,
                   "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
-                  "tokens_per_s": step_tokens / (time.perf_counter() - t0), "supervised_tokens": n_global,
+                  "tokens_per_s": step_tokens / (time.perf_counter() - t0), "supervised_tokens": n_tokens,
                   "tokens": step_tokens}
         if outcome != "ok":
             record["skipped"] = outcome
@@ -482,7 +486,7 @@ class Trainer:
         rendered = RenderedDataset(self.dataset, self.processor)
         collate = TrainCollator(self.processor.tokenizer.pad_id,
                                 self.cfg.data.max_length if self.cfg.data.packing else None,
-                                self.processor.tokenizer.image_token_id)
+                                self.processor.tokenizer.image_token_id, self.tcfg.loss_weighting)
         for index in range(min(len(rendered), _FILLER_SEARCH)):
             item = rendered[index]
             if not isinstance(item, Skipped) and not (isinstance(item, RenderedGroup) and not item.samples):
@@ -502,7 +506,7 @@ class Trainer:
             self.scaler.scale(out.loss_sum * weight).backward()
         return out.loss_sum.detach() if weight else torch.zeros((), device=self.device)
 
-    def _update(self, loss: float, n_global: int) -> tuple[str, float | None]:
+    def _update(self, loss: float, n_global: float) -> tuple[str, float | None]:
         """Clip and apply the accumulated gradient, or skip the step.
 
         Returns ``(outcome, grad norm before clipping)`` with outcome ``ok``, ``nonfinite``

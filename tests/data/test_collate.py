@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivlm.data.collate import IGNORE_INDEX, Packer, pack_collate, pad_collate, plan_packing
+from minivlm.data.collate import IGNORE_INDEX, Packer, merge_shared_prefix, pack_collate, pad_collate, plan_packing
 
 PAD = 0
 X = IGNORE_INDEX
@@ -232,3 +232,35 @@ def test_ignore_index_matches_the_chat_labels():
     from minivlm.text.chat import IGNORE_INDEX as CHAT_IGNORE_INDEX
 
     assert IGNORE_INDEX == CHAT_IGNORE_INDEX == -100
+
+
+# ---- loss weights --------------------------------------------------------------------------------
+def weighted(ids, labels, weight, *view_values):
+    return {**sample(ids, labels, *view_values), "loss_weights": [weight] * len(ids)}
+
+
+def test_loss_weights_follow_their_tokens_and_default_to_one():
+    samples = [weighted([5, 6, 7], [X, 6, 7], 0.5), sample([8, 9], [X, 9])]
+    padded = pad_collate(samples, pad_id=PAD, padding_side="left")
+    assert padded["loss_weights"].tolist() == [[0.5, 0.5, 0.5], [0.0, 1.0, 1.0]]
+    assert padded["loss_weights"].dtype == torch.float32
+    packed = pack_collate(samples, max_length=6, pad_id=PAD)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, PAD]]
+    assert packed["loss_weights"].tolist() == [[0.5, 0.5, 0.5, 1.0, 1.0, 0.0]]
+    # No sample with weights: no tensor (the unweighted token mean).
+    assert "loss_weights" not in pad_collate([sample([5, 6], [X, 6])], pad_id=PAD)
+    assert "loss_weights" not in pack_collate([sample([5, 6], [X, 6])], max_length=4, pad_id=PAD)
+
+
+def test_merged_branches_keep_their_weights_and_the_prefix_weighs_nothing():
+    image = 4
+    merged = merge_shared_prefix([weighted([1, image, 2, 7, 8], [X, X, X, 7, 8], 0.25),
+                                  weighted([1, image, 2, 9], [X, X, X, 9], 0.25)], image_token_id=image)
+    assert merged["branch_ids"] == [0, 0, 1, 1, 1, 2, 2]
+    assert merged["loss_weights"] == [0.0, 0.0, 0.25, 0.25, 0.25, 0.25, 0.25]
+    assert "loss_weights" not in merge_shared_prefix([sample([1, 2, 7], [X, X, 7]), sample([1, 2, 9], [X, X, 9])], 4)
+
+
+def test_loss_weights_of_the_wrong_length_are_refused():
+    with pytest.raises(ValueError, match="sample #0 has 3 input_ids but 2 loss_weights"):
+        pad_collate([{**sample([5, 6, 7], [X, 6, 7]), "loss_weights": [1.0, 1.0]}], pad_id=PAD)

@@ -74,6 +74,30 @@ def test_loss_and_gradients_equal_the_naive_path_in_fp32(n_tokens, width, vocab,
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_row_weights_scale_each_rows_loss_and_gradient(reduction, chunk_size):
+    hidden, weight, targets = _problem(n_tokens=40)
+    row_weights = torch.rand(40, generator=torch.Generator().manual_seed(3)) * 2
+    fused = _loss_and_grads(fused_linear_cross_entropy, hidden, weight, targets, chunk_size=chunk_size,
+                            reduction=reduction, row_weights=row_weights)
+    naive = _loss_and_grads(naive_linear_cross_entropy, hidden, weight, targets, reduction=reduction,
+                            row_weights=row_weights)
+    for got, expected in zip(fused, naive):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # By hand: the weighted sum of per-row cross-entropies over supervised rows (/ their weight).
+    per_row = torch.nn.functional.cross_entropy(hidden.detach() @ weight.detach().T, targets, reduction="none",
+                                                ignore_index=IGNORE)
+    keep = targets != IGNORE
+    expected = (per_row * row_weights)[keep].sum()
+    if reduction == "mean":
+        expected = expected / row_weights[keep].sum()
+    torch.testing.assert_close(fused[0], expected, rtol=1e-5, atol=1e-6)
+    # Weights of 1 are the unweighted loss, bit for bit.
+    ones = fused_linear_cross_entropy(hidden, weight, targets, reduction=reduction, row_weights=torch.ones(40))
+    assert torch.equal(ones.detach(), fused_linear_cross_entropy(hidden, weight, targets, reduction=reduction).detach())
+
+
 def test_leading_dimensions_are_flattened_like_the_naive_path():
     hidden, weight, targets = _problem(n_tokens=24)
     hidden3 = hidden.detach().view(2, 3, 4, -1).requires_grad_()
@@ -271,6 +295,13 @@ def test_bad_options_raise_value_errors(kwargs, message):
     hidden, weight, targets = _problem()
     with pytest.raises(ValueError, match=message):
         fused_linear_cross_entropy(hidden, weight, targets, **kwargs)
+
+
+@pytest.mark.parametrize("row_weights", [torch.ones(49), torch.ones(50, dtype=torch.long), torch.ones(5, 10)])
+def test_row_weights_must_be_floats_shaped_like_the_targets(row_weights):
+    hidden, weight, targets = _problem()
+    with pytest.raises(ValueError, match=r"row_weights must be a floating tensor shaped like targets \(50,\)"):
+        fused_linear_cross_entropy(hidden, weight, targets, row_weights=row_weights)
 
 
 def test_auto_chunk_size_rejects_impossible_sizes():
