@@ -154,16 +154,40 @@ class DataConfig:
     """What to train on and how images and text are prepared."""
 
     mixture: str = "easy_vqa:0.7,shapes:0.1,charts:0.05,multi_image:0.05,video:0.05,retrieval:0.05"
-    # A curriculum: the first `curriculum_steps` steps (at most half of train.steps) draw from
-    # `curriculum` instead of `mixture` (e.g. the visual concepts first, then the full mix).
+    # A curriculum: phases trained before `mixture` (e.g. the visual concepts first, then the full
+    # mix), separated by ";" in both fields: curriculum="video:1;easy_vqa_shape:0.5,shapes:0.5" with
+    # curriculum_steps="250;700" trains 250 steps on video, 700 on the second mix, then `mixture`.
+    # All phases together take at most half of train.steps (the last ones are cut first).
     curriculum: str = ""
-    curriculum_steps: int = 0
+    curriculum_steps: str = ""
     resize: str = "resize"  # resize | letterbox | crop
     split_image: bool = False
     max_length: int = 256
     packing: bool = False
     num_workers: int = 0
     video_frames: int = 4
+
+    @property
+    def curriculum_phases(self) -> list[tuple[str, int]]:
+        """``[(mixture spec, steps), ...]``, one per curriculum phase; empty without a curriculum.
+
+        Raises:
+            ValueError: the two fields disagree, or a step count is not a positive integer.
+        """
+        specs = [s.strip() for s in self.curriculum.split(";")] if self.curriculum.strip() else []
+        text = str(self.curriculum_steps).strip()  # configs saved before phases hold an int
+        try:
+            steps = [int(x) for x in text.split(";")] if text not in ("", "0") else []
+        except ValueError:
+            raise ValueError(f"data.curriculum_steps: expected step counts separated by ';' (e.g. '250;700'), "
+                             f"got {self.curriculum_steps!r}") from None
+        if len(specs) != len(steps):
+            raise ValueError(f"data.curriculum has {len(specs)} phase(s) ({self.curriculum!r}) but data.curriculum_steps "
+                             f"gives {len(steps)} step count(s) ({self.curriculum_steps!r}); set both or neither")
+        if any(not spec for spec in specs) or any(n < 1 for n in steps):
+            raise ValueError(f"every curriculum phase needs a mixture and at least 1 step; got {self.curriculum!r} "
+                             f"for {self.curriculum_steps!r}")
+        return list(zip(specs, steps))
 
 
 @dataclass
@@ -256,10 +280,10 @@ class VLMConfig:
         need(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
              f"expected resize | letterbox | crop, got {self.data.resize!r}")
         c = self.data
-        need(c.curriculum_steps >= 0, "data.curriculum_steps", f"must be >= 0, got {c.curriculum_steps}")
-        need(bool(c.curriculum) == (c.curriculum_steps > 0), "data.curriculum",
-             f"set both data.curriculum and data.curriculum_steps or neither; got {c.curriculum!r} for "
-             f"{c.curriculum_steps} steps")
+        try:
+            c.curriculum_phases
+        except ValueError as err:
+            need(False, "data.curriculum", str(err))
         from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
         import minivlm.model  # noqa: F401  (registers the built-in parts)
 
@@ -391,6 +415,11 @@ def _tiny() -> VLMConfig:
     #   concept to learn and its signal drowns among the easy yes/no questions (74% of easy-VQA);
     #   a shape-only start makes the encoder colour-blind, hence the open (shape + colour) share;
     # - lr 5e-4 (1e-3 learns as fast but loses what the curriculum taught at the switch).
+    # Not in it: video direction. It is learnt in ~200 steps of video alone, not in 500 steps with
+    # 30-50% other questions mixed in, nor in the whole run at any mixture or loss weighting tried;
+    # a video-only first phase learns it (video 1.00) but leaves the encoder colour-blind or, with
+    # colour questions added after it, costs easy-VQA (0.93 in 1,833 steps), so the main job keeps
+    # easy-VQA first (README, "Training: the main job").
     synthetic = "shapes:0.05,charts:0.05,multi_image:0.1,video:0.2,retrieval:0.05"
     return VLMConfig(
         name="tiny",
@@ -401,7 +430,7 @@ def _tiny() -> VLMConfig:
         train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=3000, max_minutes=8.5, save_every=500),
         data=DataConfig(mixture=f"easy_vqa_grouped:0.55,{synthetic}", packing=True, max_length=256,
                         curriculum="easy_vqa_shape:0.45,easy_vqa_open:0.25,shapes:0.05,charts:0.05,multi_image:0.05,"
-                                   "video:0.1,retrieval:0.05", curriculum_steps=700),
+                                   "video:0.1,retrieval:0.05", curriculum_steps="700"),
     )
 
 

@@ -14,10 +14,11 @@ order, without the sampler holding any state but the step.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,29 +173,33 @@ class StepBatchSampler(StepSampler):
         return [self.sample_at(base + j) for j in range(self.mb)]
 
 class CurriculumSampler(StepSampler):
-    """Two :class:`StepBatchSampler` streams one after the other: steps ``[0, switch_step)`` read
-    ``first`` and later steps read ``then``, whose indices are offset by ``offset`` (the length of
-    the first dataset in a ``ConcatDataset([first, then])``).
+    """:class:`StepBatchSampler` streams one after the other: stream ``k`` is read from step
+    ``switch_steps[k - 1]`` (0 for the first) until ``switch_steps[k]``, the last one to the end,
+    its indices offset by ``offsets[k]`` (where its dataset starts in a ``ConcatDataset``).
 
-    ``then`` counts its own steps from 0 at the switch, so it starts at the beginning of its first
-    epoch; like the plain sampler, every index is a pure function of the step, so a run resumed
-    at any step, before or after the switch, reads the same samples.
+    Each stream counts its own steps from 0 at its switch, so it starts at the beginning of its
+    first epoch; like the plain sampler, every index is a pure function of the step, so a run
+    resumed at any step, before or after a switch, reads the same samples.
     """
 
-    def __init__(self, first: StepBatchSampler, then: StepBatchSampler, switch_step: int, offset: int,
+    def __init__(self, streams: Sequence[StepBatchSampler], switch_steps: Sequence[int], offsets: Sequence[int],
                  start_step: int = 0, total_steps: int | None = None):
-        if switch_step < 1:
-            raise ValueError(f"CurriculumSampler.switch_step must be >= 1; got {switch_step}")
-        if (first.mb, first.accum, first.world, first.rank) != (then.mb, then.accum, then.world, then.rank):
-            raise ValueError("the two streams of a curriculum must have the same micro-batch, accumulation and ranks")
-        self.first, self.then, self.switch, self.offset = first, then, switch_step, offset
+        if len(streams) < 2 or len(switch_steps) != len(streams) - 1 or len(offsets) != len(streams):
+            raise ValueError(f"a curriculum needs >= 2 streams, one switch step fewer and one offset each; got "
+                             f"{len(streams)} streams, {len(switch_steps)} switch steps, {len(offsets)} offsets")
+        if switch_steps[0] < 1 or any(b <= a for a, b in zip(switch_steps, switch_steps[1:])):
+            raise ValueError(f"CurriculumSampler.switch_steps must be increasing and >= 1; got {list(switch_steps)}")
+        layouts = {(s.mb, s.accum, s.world, s.rank) for s in streams}
+        if len(layouts) > 1:
+            raise ValueError("the streams of a curriculum must have the same micro-batch, accumulation and ranks")
+        self.streams, self.switches, self.offsets = list(streams), list(switch_steps), list(offsets)
         self.start, self.total = start_step, total_steps
-        self.accum = first.accum
+        self.accum = streams[0].accum
 
     def indices(self, step: int, micro: int) -> list[int]:
-        if step < self.switch:
-            return self.first.indices(step, micro)
-        return [self.offset + i for i in self.then.indices(step - self.switch, micro)]
+        phase = bisect.bisect_right(self.switches, step)
+        begin = self.switches[phase - 1] if phase else 0
+        return [self.offsets[phase] + i for i in self.streams[phase].indices(step - begin, micro)]
 
 class TrainCollator:
     """Drops skipped samples (counting why), weights their tokens (``loss_weighting``, see

@@ -101,7 +101,7 @@ class RunOutputs:
 
 #: Training-only views of a dataset are scored on the dataset's standard test form.
 EVAL_FORM = {"easy_vqa_dialogues": "easy_vqa", "easy_vqa_grouped": "easy_vqa", "easy_vqa_open": "easy_vqa",
-             "easy_vqa_shape": "easy_vqa"}
+             "easy_vqa_shape": "easy_vqa", "easy_vqa_color": "easy_vqa"}
 
 
 def eval_sources(spec: str) -> list[str]:
@@ -122,9 +122,8 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.train.seed)
     train_data = build_dataset(cfg.data.mixture, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
-    curriculum = None
-    if cfg.data.curriculum:
-        curriculum = build_dataset(cfg.data.curriculum, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
+    curriculum = [build_dataset(spec, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
+                  for spec, _ in cfg.data.curriculum_phases]
     previous = latest_checkpoint(run_dir) if resume else None
     if previous is not None:
         processor = Processor.from_pretrained(previous)
@@ -132,7 +131,7 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     else:
         from torch.utils.data import ConcatDataset
 
-        corpus = train_data if curriculum is None else ConcatDataset([curriculum, train_data])
+        corpus = ConcatDataset([*curriculum, train_data])
         tokenizer = build_tokenizer(corpus, cfg.decoder.vocab_size)
         processor = build_processor(attach_tokenizer(cfg, tokenizer), tokenizer)
     cfg.validate()

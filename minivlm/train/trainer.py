@@ -25,7 +25,7 @@ from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -131,8 +131,9 @@ class Trainer:
         eval_fn: ``eval_fn(model) -> dict of metrics``, called every ``train.eval_every`` steps.
         dist: the process group context (single process when None).
         progress: show a progress bar (rank 0 only).
-        curriculum: a dataset trained on for the first ``data.curriculum_steps`` steps, before
-            ``dataset`` (:class:`~minivlm.train.data.CurriculumSampler`).
+        curriculum: one dataset per phase of ``data.curriculum`` (a single dataset for one phase),
+            each trained on for its ``data.curriculum_steps`` before ``dataset``
+            (:class:`~minivlm.train.data.CurriculumSampler`).
 
     Raises:
         ConfigError: invalid ``train.*`` settings.
@@ -141,7 +142,8 @@ class Trainer:
 
     def __init__(self, model: VisionLanguageModel, processor: Processor, dataset: Dataset, run_dir: str | Path,
                  eval_fn: Callable[[VisionLanguageModel], dict[str, float]] | None = None,
-                 dist: DistributedContext | None = None, progress: bool = True, curriculum: Dataset | None = None):
+                 dist: DistributedContext | None = None, progress: bool = True,
+                 curriculum: Dataset | Sequence[Dataset] | None = None):
         self.cfg = model.config
         self.tcfg = self.cfg.train
         self.dist = dist or DistributedContext.single()
@@ -158,12 +160,8 @@ class Trainer:
         self.model.processor = processor
         self.processor = processor
         self.dataset = dataset
-        self.curriculum = curriculum
-        # At most half the run, so a short run (`--steps 100`) keeps the recipe's proportions.
-        self.curriculum_steps = min(self.cfg.data.curriculum_steps, self.tcfg.steps // 2) if curriculum is not None else 0
-        if curriculum is not None and not self.curriculum_steps:
-            raise ConfigError(f"data.curriculum_steps: expected > 0 (and train.steps >= 2) when a curriculum dataset "
-                              f"is given, got {self.cfg.data.curriculum_steps} for train.steps={self.tcfg.steps}")
+        self.curriculum, self.curriculum_switches = self._plan_curriculum(curriculum)
+        self.curriculum_steps = self.curriculum_switches[-1] if self.curriculum_switches else 0
         apply_stage(self.model, scales)
         self._setup_lora(scales)
         if self.tcfg.activation_checkpointing:
@@ -344,6 +342,28 @@ class Trainer:
                 bar.total = self.total_steps
                 bar.refresh()
 
+    def _plan_curriculum(self, curriculum: Dataset | Sequence[Dataset] | None) -> tuple[list[Dataset], list[int]]:
+        """The curriculum's datasets still used and the steps where each next phase starts.
+
+        All phases together take at most half the run, so a short run (``--steps 100``) keeps the
+        recipe's proportions; the last phases are shortened (or dropped) first.
+        """
+        datasets = [] if curriculum is None else [curriculum] if isinstance(curriculum, Dataset) else list(curriculum)
+        phases = self.cfg.data.curriculum_phases
+        if len(datasets) != len(phases):
+            raise ConfigError(f"data.curriculum: {len(phases)} phase(s) configured but {len(datasets)} curriculum "
+                              f"dataset(s) given")
+        budget, used, switches = self.tcfg.steps // 2, [], []
+        for dataset, (_, steps) in zip(datasets, phases):
+            end = min((switches[-1] if switches else 0) + steps, budget)
+            if end > (switches[-1] if switches else 0):
+                used.append(dataset)
+                switches.append(end)
+        if datasets and not used:
+            raise ConfigError(f"data.curriculum needs train.steps >= 2 (it takes at most half the run); "
+                              f"got train.steps={self.tcfg.steps}")
+        return used, switches
+
     def _sampler_and_data(self) -> tuple[Sampler, Dataset]:
         """This rank's step sampler from the current step on, and the dataset it indexes."""
         t = self.tcfg
@@ -352,13 +372,15 @@ class Trainer:
             return StepBatchSampler(n, t.batch_size, t.grad_accum, self.dist.world_size, self.dist.rank,
                                     start_step=start, total_steps=total, seed=self.data_seed)
 
-        if self.curriculum is None:
+        if not self.curriculum:
             return stream(len(self.dataset), self.step, self.total_steps), self.dataset
-        first = stream(len(self.curriculum), 0, None)
-        then = stream(len(self.dataset), 0, None)
-        sampler = CurriculumSampler(first, then, self.curriculum_steps, len(self.curriculum),
+        datasets = [*self.curriculum, self.dataset]
+        offsets = [0]
+        for dataset in datasets[:-1]:
+            offsets.append(offsets[-1] + len(dataset))
+        sampler = CurriculumSampler([stream(len(d), 0, None) for d in datasets], self.curriculum_switches, offsets,
                                     start_step=self.step, total_steps=self.total_steps)
-        return sampler, ConcatDataset([self.curriculum, self.dataset])
+        return sampler, ConcatDataset(datasets)
 
     def fit(self, resume: bool = False, max_minutes: float | None = None) -> TrainResult:
         """Train until ``train.steps``, a signal, or the time budget; see :class:`TrainResult`.

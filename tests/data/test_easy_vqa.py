@@ -148,3 +148,6 @@ def test_registered_training_views():
     shapes = build_dataset("easy_vqa_shape", "test")
     assert len(shapes) == sum(q.question_type == "shape" for q in EasyVQA("test").questions)
     assert {shapes[i]["question_type"] for i in range(0, len(shapes), 97)} == {"shape"}
+    colours = build_dataset("easy_vqa_color", "test")
+    assert len(colours) == sum(q.question_type == "color" for q in EasyVQA("test").questions)
+    assert {colours[i]["question_type"] for i in range(0, len(colours), 97)} == {"color"}

@@ -18,7 +18,8 @@ from minivlm.data.shapes import ShapesDataset
 
 def test_known_names():
     assert available_datasets() == sorted(
-        ["easy_vqa", "easy_vqa_grouped", "easy_vqa_open", "easy_vqa_shape", "easy_vqa_dialogues", "shapes", "charts",
+        ["easy_vqa", "easy_vqa_grouped", "easy_vqa_open", "easy_vqa_shape", "easy_vqa_color", "easy_vqa_dialogues",
+         "shapes", "charts",
          "multi_image", "video", "retrieval", "jsonl", "llava"]
     )
 

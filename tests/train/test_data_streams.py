@@ -32,7 +32,12 @@ class Recording(tk.ListDataset):
 def _streams(start: int = 0) -> CurriculumSampler:
     first = StepBatchSampler(10, 3, 2, seed=1)
     then = StepBatchSampler(7, 3, 2, seed=1)
-    return CurriculumSampler(first, then, switch_step=4, offset=10, start_step=start, total_steps=9)
+    return CurriculumSampler([first, then], [4], [0, 10], start_step=start, total_steps=9)
+
+
+def _three_phases(start: int = 0) -> CurriculumSampler:
+    streams = [StepBatchSampler(n, 2, 1, seed=3) for n in (5, 6, 9)]
+    return CurriculumSampler(streams, [2, 5], [0, 5, 11], start_step=start, total_steps=8)
 
 
 def test_curriculum_sampler_reads_first_then_offset_second():
@@ -50,11 +55,29 @@ def test_curriculum_sampler_resumes_anywhere(start):
     assert list(_streams(start)) == list(_streams())[start * 2:]
 
 
+def test_three_phases_read_their_datasets_in_turn_each_from_its_start():
+    batches = list(_three_phases())
+    assert all(0 <= i < 5 for b in batches[:2] for i in b)  # steps 0-1
+    assert all(5 <= i < 11 for b in batches[2:5] for i in b)  # steps 2-4
+    assert all(11 <= i < 20 for b in batches[5:] for i in b)  # steps 5-7: the main data
+    assert batches[2] == [5 + i for i in StepBatchSampler(6, 2, 1, seed=3).indices(0, 0)]
+    assert batches[5] == [11 + i for i in StepBatchSampler(9, 2, 1, seed=3).indices(0, 0)]
+
+
+@pytest.mark.parametrize("start", [1, 2, 4, 5, 7])
+def test_three_phases_resume_anywhere(start):
+    assert list(_three_phases(start)) == list(_three_phases())[start:]
+
+
 def test_curriculum_sampler_errors():
-    with pytest.raises(ValueError, match="switch_step"):
-        CurriculumSampler(StepBatchSampler(4, 2, 1), StepBatchSampler(4, 2, 1), 0, 4)
+    with pytest.raises(ValueError, match="switch_steps must be increasing and >= 1; got \\[0\\]"):
+        CurriculumSampler([StepBatchSampler(4, 2, 1), StepBatchSampler(4, 2, 1)], [0], [0, 4])
+    with pytest.raises(ValueError, match="increasing"):
+        CurriculumSampler([StepBatchSampler(4, 2, 1)] * 3, [3, 3], [0, 4, 8])
     with pytest.raises(ValueError, match="same micro-batch"):
-        CurriculumSampler(StepBatchSampler(4, 2, 1), StepBatchSampler(4, 3, 1), 1, 4)
+        CurriculumSampler([StepBatchSampler(4, 2, 1), StepBatchSampler(4, 3, 1)], [1], [0, 4])
+    with pytest.raises(ValueError, match="one switch step fewer"):
+        CurriculumSampler([StepBatchSampler(4, 2, 1), StepBatchSampler(4, 2, 1)], [1, 2], [0, 4])
 
 
 def test_curriculum_takes_at_most_half_the_run(tmp_path):
@@ -74,12 +97,54 @@ def test_trainer_reads_the_curriculum_first(tmp_path):
     assert len(curriculum.reads) == 2 * 2 and len(main.reads) == 3 * 2
 
 
-def test_curriculum_settings_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match="data.curriculum"):
-        tk.config("data.curriculum_steps=2").validate()
-    with pytest.raises(ConfigError, match="curriculum_steps"):
+def test_phases_share_half_the_run_the_last_ones_cut_first(tmp_path):
+    cfg = tk.config("train.steps=10", "data.curriculum=shapes;shapes;shapes", "data.curriculum_steps=2;2;4")
+    trainer = Trainer(tk.model(cfg), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
+                      curriculum=[tk.dataset(8)] * 3)
+    assert trainer.curriculum_switches == [2, 4, 5] and trainer.curriculum_steps == 5
+    cfg = tk.config("train.steps=6", "data.curriculum=shapes;shapes", "data.curriculum_steps=3;2")
+    trainer = Trainer(tk.model(cfg), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
+                      curriculum=[tk.dataset(8)] * 2)
+    assert trainer.curriculum_switches == [3] and len(trainer.curriculum) == 1  # no room for the second
+
+
+def test_trainer_reads_each_phase_in_turn(tmp_path):
+    cfg = tk.config("train.steps=7", "train.batch_size=2", "data.curriculum=shapes;shapes",
+                    "data.curriculum_steps=1;2")
+    samples = list(tk.shapes_samples(24))
+    first, second, main = Recording(samples[:8]), Recording(samples[8:16]), Recording(samples[16:])
+    result = Trainer(tk.model(cfg), tk.processor(), main, tmp_path, dist=tk.cpu(), progress=False,
+                     curriculum=[first, second]).fit()
+    assert result.steps == 7
+    assert (len(first.reads), len(second.reads), len(main.reads)) == (1 * 2, 2 * 2, 4 * 2)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("data.curriculum_steps=2",), r"0 phase\(s\) \(''\) but data.curriculum_steps gives 1"),
+    (("data.curriculum=shapes;charts", "data.curriculum_steps=5"), r"2 phase\(s\).*gives 1 step count"),
+    (("data.curriculum=shapes", "data.curriculum_steps=five"), "step counts separated by ';'"),
+    (("data.curriculum=shapes;", "data.curriculum_steps=3;4"), "needs a mixture and at least 1 step"),
+    (("data.curriculum=shapes;charts", "data.curriculum_steps=3;-1"), "needs a mixture and at least 1 step"),
+])
+def test_curriculum_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tk.config(*overrides).validate()
+
+
+def test_curriculum_datasets_must_match_the_phases(tmp_path):
+    with pytest.raises(ConfigError, match=r"0 phase\(s\) configured but 1 curriculum dataset"):
         Trainer(tk.model(tk.config()), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
                 curriculum=tk.dataset(8))
+    cfg = tk.config("train.steps=1", "data.curriculum=shapes", "data.curriculum_steps=3")
+    with pytest.raises(ConfigError, match="train.steps >= 2"):
+        Trainer(tk.model(cfg), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
+                curriculum=tk.dataset(8))
+
+
+def test_a_config_saved_with_an_integer_step_count_still_loads():
+    from minivlm.config import DataConfig
+
+    assert DataConfig(curriculum="shapes", curriculum_steps=700).curriculum_phases == [("shapes", 700)]
 
 
 def _questions(sample: dict, k: int) -> list[dict]:
