@@ -350,6 +350,11 @@ class Trainer:
         """
         datasets = [] if curriculum is None else [curriculum] if isinstance(curriculum, Dataset) else list(curriculum)
         phases = self.cfg.data.curriculum_phases
+        if not datasets:
+            if phases and self.dist.is_main:
+                # The caller chose the data (a notebook, a test): train on `dataset` alone.
+                log.info("no curriculum datasets given: training on the main dataset only (data.curriculum ignored)")
+            return [], []
         if len(datasets) != len(phases):
             raise ConfigError(f"data.curriculum: {len(phases)} phase(s) configured but {len(datasets)} curriculum "
                               f"dataset(s) given")
@@ -359,7 +364,7 @@ class Trainer:
             if end > (switches[-1] if switches else 0):
                 used.append(dataset)
                 switches.append(end)
-        if datasets and not used:
+        if not used:
             raise ConfigError(f"data.curriculum needs train.steps >= 2 (it takes at most half the run); "
                               f"got train.steps={self.tcfg.steps}")
         return used, switches

@@ -135,10 +135,23 @@ def test_curriculum_datasets_must_match_the_phases(tmp_path):
     with pytest.raises(ConfigError, match=r"0 phase\(s\) configured but 1 curriculum dataset"):
         Trainer(tk.model(tk.config()), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
                 curriculum=tk.dataset(8))
+    cfg = tk.config("data.curriculum=shapes;shapes", "data.curriculum_steps=1;1")
+    with pytest.raises(ConfigError, match=r"2 phase\(s\) configured but 1 curriculum dataset"):
+        Trainer(tk.model(cfg), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
+                curriculum=[tk.dataset(8)])
     cfg = tk.config("train.steps=1", "data.curriculum=shapes", "data.curriculum_steps=3")
     with pytest.raises(ConfigError, match="train.steps >= 2"):
         Trainer(tk.model(cfg), tk.processor(), tk.dataset(8), tmp_path, dist=tk.cpu(), progress=False,
                 curriculum=tk.dataset(8))
+
+
+def test_without_curriculum_datasets_the_trainer_reads_only_the_main_data(tmp_path):
+    # A notebook training a preset (whose recipe has a curriculum) on data of its choice.
+    cfg = tk.config("train.steps=3", "train.batch_size=2", "data.curriculum=shapes", "data.curriculum_steps=1")
+    main = Recording(list(tk.shapes_samples(8)))
+    trainer = Trainer(tk.model(cfg), tk.processor(), main, tmp_path, dist=tk.cpu(), progress=False)
+    assert trainer.curriculum_steps == 0
+    assert trainer.fit().steps == 3 and len(main.reads) == 3 * 2
 
 
 def test_a_config_saved_with_an_integer_step_count_still_loads():
