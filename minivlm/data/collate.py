@@ -81,20 +81,20 @@ def _as_sample(sample: Any, index: int) -> _Sample:
     return _Sample(input_ids, labels, pixel_values, **extra)
 
 
-def _branch_tensor(parsed: Sequence[_Sample], shape: tuple[int, int]) -> Tensor | None:
-    """A zero ``[R, T]`` branch-id tensor when some sample has branches (filled by the caller)."""
-    return torch.zeros(shape, dtype=torch.long) if any(s.branch_ids is not None for s in parsed) else None
+#: Optional per-token fields: batch dtype and the value of samples without the field.
+_OPTIONAL_FIELDS = {"branch_ids": (torch.long, 0), "loss_weights": (torch.float32, 1.0)}
 
 
-def _weight_tensor(parsed: Sequence[_Sample], shape: tuple[int, int]) -> Tensor | None:
-    """A zero float ``[R, T]`` loss-weight tensor when some sample has loss weights; samples
-    without them weigh 1 (filled by the caller, :func:`_fill_weights`)."""
-    return torch.zeros(shape, dtype=torch.float32) if any(s.loss_weights is not None for s in parsed) else None
+def _optional_tensors(parsed: Sequence[_Sample], shape: tuple[int, int]) -> dict[str, Tensor]:
+    """A zero ``[R, T]`` tensor per optional field that some sample has (filled by :func:`_fill_optional`)."""
+    return {key: torch.zeros(shape, dtype=dtype) for key, (dtype, _) in _OPTIONAL_FIELDS.items()
+            if any(getattr(s, key) is not None for s in parsed)}
 
 
-def _fill_weights(weights: Tensor | None, row: int, columns: slice, sample: _Sample) -> None:
-    if weights is not None:
-        weights[row, columns] = torch.tensor(sample.loss_weights) if sample.loss_weights is not None else 1.0
+def _fill_optional(tensors: dict[str, Tensor], row: int, columns: slice, sample: _Sample) -> None:
+    for key, tensor in tensors.items():
+        values = getattr(sample, key)
+        tensor[row, columns] = torch.tensor(values) if values is not None else _OPTIONAL_FIELDS[key][1]
 
 
 def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str, Any]:
@@ -198,8 +198,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.bool)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
-    branch_ids = _branch_tensor(parsed, (batch, width))
-    loss_weights = _weight_tensor(parsed, (batch, width))
+    optional = _optional_tensors(parsed, (batch, width))
     for row, sample in enumerate(parsed):
         n = len(sample)
         start = 0 if padding_side == "right" else width - n
@@ -209,9 +208,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
         labels[row, start] = IGNORE_INDEX  # nothing before it in this sample predicts it
         attention_mask[row, columns] = True
         position_ids[row, columns] = sample.positions()
-        if sample.branch_ids is not None:
-            branch_ids[row, columns] = torch.tensor(sample.branch_ids)
-        _fill_weights(loss_weights, row, columns, sample)
+        _fill_optional(optional, row, columns, sample)
     batch_dict = {
         "input_ids": input_ids,
         "labels": labels,
@@ -219,11 +216,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
         "position_ids": position_ids,
         "pixel_values": _concat_views([s.pixel_values for s in parsed]),
     }
-    if branch_ids is not None:
-        batch_dict["branch_ids"] = branch_ids
-    if loss_weights is not None:
-        batch_dict["loss_weights"] = loss_weights
-    return batch_dict
+    return {**batch_dict, **optional}
 
 
 def plan_packing(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -283,8 +276,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     document_ids = torch.full(shape, -1, dtype=torch.long)
-    branch_ids = _branch_tensor(parsed, shape)
-    loss_weights = _weight_tensor(parsed, shape)
+    optional = _optional_tensors(parsed, shape)
     views = []
     for row, members in enumerate(plan):
         start = 0
@@ -297,9 +289,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
             labels[row, start] = IGNORE_INDEX
             position_ids[row, columns] = sample.positions()
             document_ids[row, columns] = document
-            if sample.branch_ids is not None:
-                branch_ids[row, columns] = torch.tensor(sample.branch_ids)
-            _fill_weights(loss_weights, row, columns, sample)
+            _fill_optional(optional, row, columns, sample)
             views.append(sample.pixel_values)
             start += n
     n_real = sum(len(s) for s in parsed)
@@ -316,11 +306,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
         "pixel_values": _concat_views(views),
         "packing_efficiency": efficiency,
     }
-    if branch_ids is not None:
-        batch["branch_ids"] = branch_ids
-    if loss_weights is not None:
-        batch["loss_weights"] = loss_weights
-    return batch
+    return {**batch, **optional}
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class RenderedSample:
             placeholder order; ``n_views == 0`` for text-only samples.
         n_supervised: number of labels that are not -100.
         truncated: True when the sample was cut to ``max_length``.
+        loss_weights: per-token loss weights set by the training collator
+            (:mod:`minivlm.train.loss_weighting`); None: every token weighs 1.
     """
 
     input_ids: list[int]
@@ -117,6 +119,7 @@ class RenderedSample:
     pixel_values: Tensor
     n_supervised: int
     truncated: bool = False
+    loss_weights: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

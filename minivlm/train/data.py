@@ -15,6 +15,7 @@ order, without the sampler holding any state but the step.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -51,20 +52,6 @@ class RenderedGroup:
 
     samples: list[Any]
     skipped: list[str]
-
-
-@dataclass
-class WeightedSample:
-    """A rendered sample whose tokens carry loss weights (:mod:`minivlm.train.loss_weighting`)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    pixel_values: torch.Tensor
-    n_supervised: int
-    loss_weights: list[float]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 class RenderedDataset(Dataset):
@@ -247,8 +234,7 @@ class TrainCollator:
         if self.loss_weighting == "token":
             return members  # no weights: the plain token mean, and no extra tensor
         weight = sample_loss_weight(sum(m.n_supervised for m in members), self.loss_weighting)
-        return [WeightedSample(m.input_ids, m.labels, m.pixel_values, m.n_supervised, [weight] * len(m.input_ids))
-                for m in members]
+        return [dataclasses.replace(m, loss_weights=[weight] * len(m)) for m in members]
 
     def _merge(self, group: RenderedGroup) -> list[Any]:
         """One shared-prefix sample for the group, split into as few as fit ``pack_length``."""

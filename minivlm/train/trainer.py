@@ -161,7 +161,6 @@ class Trainer:
         self.processor = processor
         self.dataset = dataset
         self.curriculum, self.curriculum_switches = self._plan_curriculum(curriculum)
-        self.curriculum_steps = self.curriculum_switches[-1] if self.curriculum_switches else 0
         apply_stage(self.model, scales)
         self._setup_lora(scales)
         if self.tcfg.activation_checkpointing:
@@ -342,6 +341,11 @@ class Trainer:
                 bar.total = self.total_steps
                 bar.refresh()
 
+    @property
+    def curriculum_steps(self) -> int:
+        """Steps before the main data: where the last curriculum phase ends (0 without one)."""
+        return self.curriculum_switches[-1] if self.curriculum_switches else 0
+
     def _plan_curriculum(self, curriculum: Dataset | Sequence[Dataset] | None) -> tuple[list[Dataset], list[int]]:
         """The curriculum's datasets still used and the steps where each next phase starts.
 
@@ -358,12 +362,13 @@ class Trainer:
         if len(datasets) != len(phases):
             raise ConfigError(f"data.curriculum: {len(phases)} phase(s) configured but {len(datasets)} curriculum "
                               f"dataset(s) given")
-        budget, used, switches = self.tcfg.steps // 2, [], []
+        budget, used, switches, start = self.tcfg.steps // 2, [], [], 0
         for dataset, (_, steps) in zip(datasets, phases):
-            end = min((switches[-1] if switches else 0) + steps, budget)
-            if end > (switches[-1] if switches else 0):
+            end = min(start + steps, budget)
+            if end > start:
                 used.append(dataset)
                 switches.append(end)
+                start = end
         if not used:
             raise ConfigError(f"data.curriculum needs train.steps >= 2 (it takes at most half the run); "
                               f"got train.steps={self.tcfg.steps}")
