@@ -33,6 +33,10 @@ class EncoderConfig:
     image_size: int = 64
     patch_size: int = 8
     in_channels: int = 3
+    # Frames per token in time (Qwen2-VL's temporal_patch_size; ViViT's tubelets, Arnab et al.
+    # 2021): the patch embedding sees this many consecutive video frames stacked on the channel
+    # axis, so motion is visible inside one patch; an image is repeated to fill the stack.
+    temporal_patch_size: int = 1
     width: int = 128
     depth: int = 4
     n_heads: int = 4
@@ -60,6 +64,11 @@ class EncoderConfig:
     @property
     def n_patches(self) -> int:
         return self.grid_size**2
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels of one encoder input: ``in_channels`` per frame times ``temporal_patch_size``."""
+        return self.in_channels * self.temporal_patch_size
 
     @property
     def resolved_feature_layer(self) -> int:

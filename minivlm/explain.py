@@ -351,7 +351,7 @@ def explain(model, image: Any, question: str, *, processor=None, answer: str | N
     patch_rollout = patch_rollout / patch_rollout.sum(-1, keepdim=True)
     flow = patch_weights.flatten() @ patch_rollout
     return Explanation(
-        image=_image_view(rendered.pixel_values[0], cfg.encoder.normalization),
+        image=_image_view(rendered.pixel_values[0, : cfg.encoder.in_channels], cfg.encoder.normalization),
         question=question, answer=answer,
         decoder_map=_normalised(patch_weights),
         encoder_map=_normalised(encoder_relevance.view(g, g)),

@@ -125,9 +125,10 @@ class VisionLanguageModel(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """``[N, C, H, W] -> [N, P', D_txt]`` image tokens in the decoder's width."""
+        """``[N, C, H, W] -> [N, P', D_txt]`` image tokens in the decoder's width
+        (``C = in_channels * temporal_patch_size``: stacked frames, see :class:`EncoderConfig`)."""
         e = self.config.encoder
-        expected = (e.in_channels, e.image_size, e.image_size)
+        expected = (e.pixel_channels, e.image_size, e.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape [N, {', '.join(map(str, expected))}]; "
                              f"got {list(pixel_values.shape)}")

@@ -252,14 +252,15 @@ def tokenize_texts(processor, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
 
 
 def preprocess_images(processor, images: Sequence[Any]) -> Tensor:
-    """``[N, 3, H, W]`` encoder inputs: one global view per image (tiles are not used for retrieval).
+    """``[N, C, H, W]`` encoder inputs: one global view per image (tiles are not used for retrieval);
+    ``C = 3 * temporal_patch_size`` (an image is a still clip, :meth:`Processor.as_stills`).
 
     ``images``: anything :func:`minivlm.vision.load_image` reads; an unreadable one raises
     :class:`~minivlm.vision.ImageLoadError` naming it.
     """
     if isinstance(images, (str, Path)) or not images:
         raise ValueError("images must be a non-empty sequence of images or paths")
-    return torch.stack([processor.image_processor(image).pixel_values[-1] for image in images])
+    return processor.as_stills(torch.stack([processor.image_processor(image).pixel_values[-1] for image in images]))
 
 
 def _processor(model: VisionLanguageModel):

@@ -60,7 +60,7 @@ def count_flops(model: VisionLanguageModel, text_tokens: int = 64) -> dict[str, 
     cfg = model.config
     dev, dtype = model.device, model.decoder.embed.weight.dtype
     e = cfg.encoder
-    pixels = torch.zeros(1, e.in_channels, e.image_size, e.image_size, device=dev, dtype=dtype)
+    pixels = torch.zeros(1, e.pixel_channels, e.image_size, e.image_size, device=dev, dtype=dtype)
     T = cfg.image_seq_len + text_tokens
     D = cfg.decoder.width
     flops: dict[str, int] = {}

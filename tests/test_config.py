@@ -61,6 +61,7 @@ def test_bad_overrides_name_the_problem(item, fragment):
     (["projector=mof_mlp"], "projector.kind"),
     (["encoder.pooling=cls"], "encoder.pooling"),
     (["decoder.n_layers=0"], "decoder.n_layers"),
+    (["encoder.temporal_patch_size=0"], "encoder.temporal_patch_size"),
     (["image_token_id=5000"], "image_token_id"),
     (["encoder.activation=relu"], "encoder.activation"),
 ])

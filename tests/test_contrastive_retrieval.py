@@ -24,6 +24,7 @@ from minivlm.retrieval import (
     embed_texts,
     evaluate_retrieval,
     load_pretrained,
+    preprocess_images,
     rank,
     save_pretrained,
     siglip_loss,
@@ -127,6 +128,20 @@ def test_text_embeddings_ignore_padding():
         alone = text_embeddings(model, *tokenize_texts(model.processor, texts[:1]))
     torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
     assert torch.allclose(together.norm(dim=-1), torch.ones(2))
+
+
+def test_images_embed_as_stills_with_temporal_patches(test_pairs):
+    tokenizer = caption_tokenizer()
+    cfg = attach_tokenizer(preset("tiny").override(*TINY, "encoder.temporal_patch_size=2"), tokenizer)
+    model = VisionLanguageModel(cfg)
+    model.processor = build_processor(cfg, tokenizer)
+    attach_retrieval_head(model)
+    images = [pair["image"] for pair in test_pairs[:3]]
+    pixels = preprocess_images(model.processor, images)
+    assert pixels.shape == (3, 6, 48, 48)
+    assert torch.equal(pixels[:, :3], pixels[:, 3:])  # each image repeated in time
+    with torch.no_grad():
+        assert embed_images(model, images).shape == (3, RetrievalConfig().dim)
 
 
 def test_rank_orders_items_by_cosine_similarity():

@@ -165,6 +165,23 @@ def test_save_and_load_round_trip(tmp_path, pos_embed):
         assert torch.equal(model(ids, pixel_values=pixels).logits, loaded(ids, pixel_values=pixels).logits)
 
 
+def test_temporal_patches_take_frame_stacks_and_round_trip(tmp_path):
+    cfg = preset("tiny").override("encoder.temporal_patch_size=2")
+    model = VisionLanguageModel(cfg).eval()
+    ids, pixels = make_batch(cfg, [2])
+    stacks = torch.cat([pixels, pixels.flip(0)], dim=1)  # [2, 6, 64, 64]: two frames per view
+    with torch.no_grad():
+        assert model.encode_images(stacks).shape == (2, cfg.image_seq_len, cfg.decoder.width)
+        logits = model(ids, pixel_values=stacks).logits
+    model.save_pretrained(tmp_path)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.encoder.temporal_patch_size == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixel_values=stacks).logits, logits)
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[N, 6, 64, 64\]; got \[2, 3, 64, 64\]"):
+        model(ids, pixel_values=pixels)
+
+
 def test_tied_head_stays_tied_after_loading(tmp_path):
     model = VisionLanguageModel(preset("tiny"))
     model.save_pretrained(tmp_path)

@@ -1,7 +1,7 @@
 """Batching rendered samples: padding, and packing several samples per row.
 
 A *sample* is anything with ``input_ids`` (list of ints), ``labels`` (same length, -100 where
-unsupervised) and ``pixel_values`` (``[n_views, 3, H, W]`` or None): a
+unsupervised) and ``pixel_values`` (``[n_views, C, H, W]`` or None): a
 :class:`minivlm.text.processor.RenderedSample` or a dict with those keys.
 
 Both collators share two conventions:
@@ -69,7 +69,7 @@ def _as_sample(sample: Any, index: int) -> _Sample:
         raise ValueError(f"sample #{index} has {len(input_ids)} input_ids but {len(labels)} labels")
     if pixel_values is not None and (not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4):
         shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
-        raise ValueError(f"sample #{index} pixel_values must be a [n_views, 3, H, W] tensor or None; got {shape}")
+        raise ValueError(f"sample #{index} pixel_values must be a [n_views, C, H, W] tensor or None; got {shape}")
     extra = {}
     for key in ("position_ids", "branch_ids", "loss_weights"):
         values = get(key)
@@ -164,13 +164,13 @@ def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str
 
 
 def _concat_views(views: Sequence[Tensor | None]) -> Tensor | None:
-    """Concatenate per-sample ``[n_i, 3, H, W]`` views in the given order; None when there are none."""
+    """Concatenate per-sample ``[n_i, C, H, W]`` views in the given order; None when there are none."""
     present = [v for v in views if v is not None and v.shape[0] > 0]
     if not present:
         return None
     shapes = {tuple(v.shape[1:]) for v in present}
     if len(shapes) > 1:
-        raise ValueError(f"all images of a batch must have the same [3, H, W] shape; got {sorted(shapes)}")
+        raise ValueError(f"all images of a batch must have the same [C, H, W] shape; got {sorted(shapes)}")
     return torch.cat(present, dim=0)
 
 
@@ -185,7 +185,7 @@ def pad_collate(samples: Sequence[Any], pad_id: int, padding_side: str = "right"
         ``input_ids`` ``[B, T]`` long (``pad_id`` on padding), ``labels`` ``[B, T]`` long (-100
         on padding and on each first token), ``attention_mask`` ``[B, T]`` bool (True = real
         token), ``position_ids`` ``[B, T]`` long (0 on padding), ``pixel_values``
-        ``[N, 3, H, W]`` (all views in batch order) or None. Plus ``branch_ids`` ``[B, T]`` long
+        ``[N, C, H, W]`` (all views in batch order) or None. Plus ``branch_ids`` ``[B, T]`` long
         and ``loss_weights`` ``[B, T]`` float when some sample has them.
     """
     if padding_side not in PADDING_SIDES:
@@ -263,7 +263,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     Returns:
         ``input_ids``, ``labels``, ``position_ids`` ``[R, max_length]`` long; ``attention_mask``
         ``[R, max_length]`` bool; ``document_ids`` ``[R, max_length]`` long (0, 1, 2... per row,
-        -1 on padding); ``pixel_values`` ``[N, 3, H, W]`` in packed placeholder order, or None;
+        -1 on padding); ``pixel_values`` ``[N, C, H, W]`` in packed placeholder order, or None;
         ``packing_efficiency``: fraction of the ``R * max_length`` slots holding real tokens.
         Plus ``branch_ids`` and ``loss_weights`` (float) ``[R, max_length]`` when some sample has them.
     """

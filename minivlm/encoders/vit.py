@@ -178,9 +178,9 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         D = cfg.width
         if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.in_channels, D, cfg.patch_size)
+            self.patch_embed = ConvStem(cfg.pixel_channels, D, cfg.patch_size)
         else:
-            self.patch_embed = nn.Conv2d(cfg.in_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+            self.patch_embed = nn.Conv2d(cfg.pixel_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.n_prefix = 1 if cfg.class_token else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         if cfg.pos_embed == "sincos2d":
@@ -213,8 +213,9 @@ class VisionTransformer(nn.Module):
 
     def _check_pixels(self, pixels: Tensor) -> None:
         c, p = self.cfg, self.cfg.patch_size
-        if pixels.ndim != 4 or pixels.shape[1] != c.in_channels:
-            raise ValueError(f"pixel values must be [N, {c.in_channels}, H, W]; got {tuple(pixels.shape)}")
+        if pixels.ndim != 4 or pixels.shape[1] != c.pixel_channels:
+            stacked = f" ({c.temporal_patch_size} frames of {c.in_channels})" if c.temporal_patch_size > 1 else ""
+            raise ValueError(f"pixel values must be [N, {c.pixel_channels}{stacked}, H, W]; got {tuple(pixels.shape)}")
         if pixels.shape[2] % p or pixels.shape[3] % p:
             raise ValueError(f"image height and width must be multiples of the patch size {p}; got {tuple(pixels.shape[2:])}")
 

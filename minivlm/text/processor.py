@@ -11,6 +11,11 @@ what the model turns one view into: the encoder + projector output length for to
 (LLaVA, SmolVLM), or 1 for cross-attention fusion (Flamingo), where a single marker stands for
 the image.
 
+With ``temporal_patch_size = t > 1`` (Qwen2-VL's temporal patches), a view holds ``t``
+consecutive video frames stacked on the channel axis (``[3t, H, W]``), the last group padded
+with copies of the clip's last frame, and an image is the same still repeated ``t`` times; a
+clip then costs ``ceil(frames / t)`` views, each placed after its first frame's timestamp.
+
 Truncation to ``max_length`` never cuts through an image: the sample is cut before the image,
 whose views are dropped too. A training sample left without any supervised token is not
 returned but raises :class:`SampleSkipped`, so dataset code can count and skip it; returning it
@@ -79,15 +84,17 @@ class ProcessorConfig:
         max_length: longest sample in tokens; None for no limit.
         video_max_frames: frames sampled per video.
         strict: raise :class:`SequenceTooLongError` instead of truncating an over-long sample.
+        temporal_patch_size: video frames per view (the encoder's ``temporal_patch_size``).
     """
 
     image_seq_len: int
     max_length: int | None = None
     video_max_frames: int = 8
     strict: bool = False
+    temporal_patch_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("image_seq_len", "video_max_frames"):
+        for name in ("image_seq_len", "video_max_frames", "temporal_patch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ProcessorConfig.{name} must be a positive int; got {value!r}")
@@ -106,8 +113,8 @@ class RenderedSample:
     Attributes:
         input_ids: token ids, ``T`` of them.
         labels: ``T`` labels aligned with ``input_ids`` (-100 where unsupervised; the loss shifts).
-        pixel_values: ``[n_views, 3, H, W]`` float32, every image view and video frame in
-            placeholder order; ``n_views == 0`` for text-only samples.
+        pixel_values: ``[n_views, 3 * temporal_patch_size, H, W]`` float32, every image view and
+            video frame (group) in placeholder order; ``n_views == 0`` for text-only samples.
         n_supervised: number of labels that are not -100.
         truncated: True when the sample was cut to ``max_length``.
         loss_weights: per-token loss weights set by the training collator
@@ -146,6 +153,8 @@ class Processor:
         max_length: truncate samples to this many tokens (see the module docstring).
         video_max_frames: frames sampled per video.
         strict: raise :class:`SequenceTooLongError` instead of truncating.
+        temporal_patch_size: video frames per view (see the module docstring); must match the
+            encoder's ``temporal_patch_size``.
     """
 
     def __init__(
@@ -157,8 +166,9 @@ class Processor:
         max_length: int | None = None,
         video_max_frames: int = 8,
         strict: bool = False,
+        temporal_patch_size: int = 1,
     ) -> None:
-        self.config = ProcessorConfig(image_seq_len, max_length, video_max_frames, strict)
+        self.config = ProcessorConfig(image_seq_len, max_length, video_max_frames, strict, temporal_patch_size)
         vision = image_processor.config
         if vision.split_image and tokenizer.max_tiles < vision.max_tiles:
             raise ValueError(
@@ -178,6 +188,27 @@ class Processor:
     @property
     def max_length(self) -> int | None:
         return self.config.max_length
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels of one view: 3 per frame times ``temporal_patch_size``."""
+        return 3 * self.config.temporal_patch_size
+
+    def as_stills(self, views: Tensor) -> Tensor:
+        """Image views ``[n, 3, H, W]`` as still clips ``[n, 3t, H, W]`` (each repeated ``t`` times)."""
+        return views.repeat(1, self.config.temporal_patch_size, 1, 1)
+
+    def frame_groups(self, frames: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
+        """Video frame views (each ``[1, 3, H, W]``) as ``(first frame index, [1, 3t, H, W])``
+        groups of ``t`` consecutive frames; the last group is padded with copies of the last
+        frame (as Qwen2-VL pads a clip to a multiple of its temporal patch)."""
+        t = self.config.temporal_patch_size
+        groups = []
+        for start in range(0, len(frames), t):
+            group = list(frames[start : start + t])
+            group += [group[-1]] * (t - len(group))
+            groups.append((start, torch.cat(group, dim=1)))
+        return groups
 
     # ---- rendering ------------------------------------------------------------------------
     def render(
@@ -219,7 +250,7 @@ class Processor:
             )
         views = [b.views for b in blocks if b.views is not None]
         size = self.image_processor.config.image_size
-        pixel_values = torch.cat(views) if views else torch.empty(0, 3, size, size)
+        pixel_values = torch.cat(views) if views else torch.empty(0, self.pixel_channels, size, size)
         return RenderedSample(input_ids, labels, pixel_values, n_supervised, truncated)
 
     def render_text(
@@ -243,9 +274,9 @@ class Processor:
         """Render a batch of conversations.
 
         Returns :func:`minivlm.data.collate.pad_collate`'s dict (``input_ids``, ``labels``,
-        ``attention_mask``, ``position_ids`` ``[B, T]``, ``pixel_values`` ``[N, 3, H, W]`` or
+        ``attention_mask``, ``position_ids`` ``[B, T]``, ``pixel_values`` ``[N, C, H, W]`` or
         None), or with ``return_tensors=False`` unpadded lists: ``input_ids`` and ``labels``
-        (lists of id lists) and ``pixel_values`` (one ``[n_views, 3, H, W]`` tensor per sample).
+        (lists of id lists) and ``pixel_values`` (one ``[n_views, C, H, W]`` tensor per sample).
         Use ``padding_side="left"`` with ``add_generation_prompt=True`` for batched generation.
         """
         if padding_side not in PADDING_SIDES:
@@ -286,7 +317,7 @@ class Processor:
                         f"grid; expected {expected_views} (tiles then the global view)"
                     )
                 layout = image_segments(self.image_seq_len, processed.rows, processed.cols)
-                expanded.append((layout, processed.pixel_values))
+                expanded.append((layout, self.as_stills(processed.pixel_values)))
             else:
                 vision = self.image_processor.config
                 clip = load_video(
@@ -295,9 +326,9 @@ class Processor:
                     fps=segment.part.fps,
                     max_pixels=vision.max_pixels,
                 )
-                for frame, timestamp in zip(clip.frames, clip.timestamps):
-                    views = self._frame_processor(frame).pixel_values
-                    expanded.append((video_frame_segments(timestamp, self.image_seq_len), views))
+                frames = [self._frame_processor(frame).pixel_values for frame in clip.frames]
+                for first, views in self.frame_groups(frames):
+                    expanded.append((video_frame_segments(clip.timestamps[first], self.image_seq_len), views))
         return expanded
 
     def _blocks(
@@ -361,6 +392,7 @@ class Processor:
             max_length=settings.max_length,
             video_max_frames=settings.video_max_frames,
             strict=settings.strict,
+            temporal_patch_size=settings.temporal_patch_size,
         )
 
     def __repr__(self) -> str:

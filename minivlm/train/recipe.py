@@ -56,7 +56,7 @@ def build_processor(cfg: VLMConfig, tokenizer: Tokenizer) -> Processor:
     image_cfg = ImageProcessorConfig(image_size=cfg.encoder.image_size, resize=cfg.data.resize,
                                      normalization=cfg.encoder.normalization, split_image=cfg.data.split_image)
     return Processor(tokenizer, ImageProcessor(image_cfg), cfg.image_seq_len, max_length=cfg.data.max_length,
-                     video_max_frames=cfg.data.video_frames)
+                     video_max_frames=cfg.data.video_frames, temporal_patch_size=cfg.encoder.temporal_patch_size)
 
 
 def attach_tokenizer(cfg: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:

@@ -94,7 +94,7 @@ def test_padding_is_lossless(lengths, side, data):
         ([{"input_ids": []}], {}, "has no tokens"),
         ([{"labels": [1]}], {}, "has no input_ids"),
         ([{"input_ids": [1, 2], "labels": [1]}], {}, "2 input_ids but 1 labels"),
-        ([{"input_ids": [1], "pixel_values": torch.zeros(3, 2, 2)}], {}, r"\[n_views, 3, H, W\]"),
+        ([{"input_ids": [1], "pixel_values": torch.zeros(3, 2, 2)}], {}, r"\[n_views, C, H, W\]"),
         (
             [
                 {"input_ids": [1], "pixel_values": torch.zeros(1, 3, 2, 2)},

@@ -72,6 +72,27 @@ def test_bad_pixels(shape, fragment):
         small()(torch.randn(*shape))
 
 
+def test_temporal_patches_take_stacked_frames():
+    enc = small(temporal_patch_size=2, stem="conv")
+    assert enc(torch.randn(2, 6, 32, 32)).shape == (2, 16, 32)
+    with pytest.raises(ValueError, match=r"\[N, 6 \(2 frames of 3\), H, W\]; got \(2, 3, 32, 32\)"):
+        enc(torch.randn(2, 3, 32, 32))
+
+
+def test_a_still_through_temporal_patches_equals_the_single_frame_encoder():
+    """I3D inflation (Carreira & Zisserman 2017): a patch kernel split evenly over time sees a
+    repeated image exactly as the 2-D kernel sees the image."""
+    torch.manual_seed(0)
+    flat, deep = small(), small(temporal_patch_size=2)
+    state = flat.state_dict()
+    state["patch_embed.weight"] = torch.cat([state["patch_embed.weight"] / 2] * 2, dim=1)
+    deep.load_state_dict(state)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(deep(x.repeat(1, 2, 1, 1)), flat(x), atol=1e-5, rtol=1e-5)
+    moving = torch.cat([x, x.roll(4, dims=-1)], dim=1)  # a second frame shifted right
+    assert not torch.allclose(deep(moving), flat(x), atol=1e-3)
+
+
 def test_conv_stem_keeps_the_patch_grid_and_unit_scale():
     enc = small(stem="conv")
     x = torch.randn(4, 3, 32, 32)

@@ -332,6 +332,42 @@ def test_video_frames_with_timestamps(split_processor, tokenizer):
     torch.testing.assert_close(sample.pixel_values, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("n_frames", [1, 4, 5])
+def test_temporal_patches_stack_consecutive_frames(tokenizer, image_processor, n_frames):
+    """temporal_patch_size=2: a view holds two consecutive frames on the channel axis; an odd
+    clip's last view repeats its last frame; each view sits after its first frame's time."""
+    colors = ("red", "green", "blue", "white", "black")[:n_frames]
+    frames = [solid(c) for c in colors]
+    messages = [
+        {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "What moved?"}]},
+        {"role": "assistant", "content": "Nothing."},
+    ]
+    processor = Processor(tokenizer, image_processor, 2, video_max_frames=8, temporal_patch_size=2)
+    sample = processor.render(messages)
+    n_views = (n_frames + 1) // 2
+    assert sample.pixel_values.shape == (n_views, 6, 64, 64)
+    video = "".join(f"00:0{2 * k} <image><image>" for k in range(n_views))  # 1 fps: frame i at i s
+    assert tokenizer.decode(sample.input_ids).startswith(f"<|im_start|>user\n{video}What moved?")
+    single = [image_processor(f).pixel_values[0] for f in frames]
+    for k in range(n_views):
+        first, second = 2 * k, min(2 * k + 1, n_frames - 1)
+        torch.testing.assert_close(sample.pixel_values[k, :3], single[first], rtol=0, atol=0)
+        torch.testing.assert_close(sample.pixel_values[k, 3:], single[second], rtol=0, atol=0)
+
+
+def test_temporal_patches_show_an_image_as_a_still(tokenizer, image_processor):
+    image = solid((10, 200, 30), size=(80, 40))
+    one = Processor(tokenizer, image_processor, SEQ).render(seed_conversation(image))
+    three = Processor(tokenizer, image_processor, SEQ, temporal_patch_size=3).render(seed_conversation(image))
+    assert three.input_ids == one.input_ids  # the text does not change, only the views' depth
+    assert three.pixel_values.shape == (1, 9, 64, 64)
+    for t in range(3):
+        torch.testing.assert_close(three.pixel_values[:, 3 * t : 3 * t + 3], one.pixel_values, rtol=0, atol=0)
+    empty = Processor(tokenizer, image_processor, SEQ, temporal_patch_size=3).render(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert empty.pixel_values.shape == (0, 9, 64, 64)  # concatenates with other samples' views
+
+
 # ---- batches ----------------------------------------------------------------------------------
 def test_batch_right_padding(processor, tokenizer):
     long = seed_conversation(solid("red"))
@@ -406,11 +442,13 @@ def test_packed_rendered_samples_keep_images_in_placeholder_order(processor, tok
 # ---- construction, persistence, errors ---------------------------------------------------------------
 def test_save_and_load(processor, tmp_path):
     letterbox = ImageProcessor(ImageProcessorConfig(image_size=64, resize="letterbox"))
-    original = Processor(processor.tokenizer, letterbox, SEQ, max_length=512, video_max_frames=3)
+    original = Processor(processor.tokenizer, letterbox, SEQ, max_length=512, video_max_frames=3,
+                         temporal_patch_size=2)
     original.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processor_config.json", "tokenizer.model"]
     config = json.loads((tmp_path / "processor_config.json").read_text())
     assert config["image_seq_len"] == SEQ and config["max_length"] == 512 and config["video_max_frames"] == 3
+    assert config["temporal_patch_size"] == 2
     assert config["image_processor"]["resize"] == "letterbox"
     loaded = Processor.from_pretrained(tmp_path)
     assert loaded.config == original.config
@@ -418,6 +456,14 @@ def test_save_and_load(processor, tmp_path):
     messages = seed_conversation(solid((10, 200, 30), size=(80, 40)))
     a, b = original.render(messages), loaded.render(messages)
     assert a.input_ids == b.input_ids and torch.equal(a.pixel_values, b.pixel_values)
+
+
+def test_configs_saved_before_temporal_patches_load_as_single_frames(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    del config["temporal_patch_size"]
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    assert Processor.from_pretrained(tmp_path).config.temporal_patch_size == 1
 
 
 def test_load_errors(processor, tmp_path):
@@ -443,6 +489,7 @@ def test_processor_pickles_for_dataloader_workers(processor):
         ({"image_seq_len": 2, "max_length": 0}, "max_length must be a positive int or None"),
         ({"image_seq_len": 2, "video_max_frames": 0}, "video_max_frames must be a positive int"),
         ({"image_seq_len": 2, "strict": "yes"}, "strict must be a bool"),
+        ({"image_seq_len": 2, "temporal_patch_size": 0}, "temporal_patch_size must be a positive int"),
     ],
 )
 def test_bad_settings(tokenizer, image_processor, kwargs, match):
