@@ -55,7 +55,7 @@ def make_prompt(config: VLMConfig, batch: int, device: torch.device, dtype: torc
     text = torch.randint(low, high, (batch, PROMPT_TEXT_TOKENS), generator=generator)
     placeholders = torch.full((batch, config.image_seq_len), config.image_token_id)
     e = config.encoder
-    pixels = torch.randn(batch, e.in_channels, e.image_size, e.image_size, generator=generator)
+    pixels = torch.randn(batch, e.pixel_channels, e.image_size, e.image_size, generator=generator)
     return torch.cat([placeholders, text], dim=1).to(device), pixels.to(device=device, dtype=dtype)
 
 

@@ -50,9 +50,9 @@ def benchmark_config(small: bool) -> VLMConfig:
     """``nanovlm-460m``, or ``tiny`` with the peer's connector and activation for ``small``."""
     if not small:
         return preset("nanovlm-460m")
-    # Idefics3's vision tower has a plain patch embedding, so the comparison uses one too.
+    # Idefics3's vision tower has a plain patch embedding of one frame, so the comparison uses one too.
     return preset("tiny").override("projector.depth=1", "projector.bias=false", "encoder.activation=gelu_tanh",
-                                   "encoder.stem=patch")
+                                   "encoder.stem=patch", "encoder.temporal_patch_size=1")
 
 
 def idefics3_config(config: VLMConfig) -> Any:
@@ -68,6 +68,8 @@ def idefics3_config(config: VLMConfig) -> Any:
     problems = []
     if e.kind != "vit" or e.class_token:
         problems.append(f"encoder must be a ViT without class token (got kind={e.kind!r}, class_token={e.class_token})")
+    if e.temporal_patch_size != 1:
+        problems.append(f"encoder.temporal_patch_size must be 1: Idefics3 patches one frame (got {e.temporal_patch_size})")
     if e.activation not in _HF_ACTIVATIONS:
         problems.append(f"encoder.activation {e.activation!r} has no transformers equivalent")
     if p.kind != "pixel_shuffle" or p.depth != 1 or p.bias:

@@ -99,7 +99,7 @@ def make_sample(config: VLMConfig, question: int, answer: int, generator: torch.
     labels = input_ids.clone()
     labels[: config.image_seq_len + question] = IGNORE_INDEX
     e = config.encoder
-    pixels = torch.randn(1, e.in_channels, e.image_size, e.image_size, generator=generator)
+    pixels = torch.randn(1, e.pixel_channels, e.image_size, e.image_size, generator=generator)
     return {"input_ids": input_ids.tolist(), "labels": labels.tolist(), "pixel_values": pixels}
 
 

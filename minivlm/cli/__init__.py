@@ -50,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     B, T = 4, cfg.image_seq_len + 32
     ids = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (B, T))
     ids[:, 1:1 + cfg.image_seq_len] = cfg.image_token_id
-    pixels = torch.randn(B, 3, cfg.encoder.image_size, cfg.encoder.image_size)
+    pixels = torch.randn(B, cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size)
     labels = ids.clone()
     labels[:, : 1 + cfg.image_seq_len] = -100
     t0 = time.perf_counter()

@@ -99,7 +99,7 @@ def _batch(model, device, batch=2, text=32):
     input_ids = torch.cat([placeholders, words], 1)
     labels = input_ids.clone()
     labels[:, : cfg.image_seq_len] = -100
-    pixels = torch.randn(batch, 3, cfg.encoder.image_size, cfg.encoder.image_size, generator=g)
+    pixels = torch.randn(batch, cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size, generator=g)
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "pixel_values": pixels.to(device)}
 
 
