@@ -423,21 +423,23 @@ def _tiny() -> VLMConfig:
     #   mid-run otherwise wipes out the shape features) before the full mix. Shape is the slowest
     #   concept to learn and its signal drowns among the easy yes/no questions (74% of easy-VQA);
     #   a shape-only start makes the encoder colour-blind, hence the open (shape + colour) share;
-    # - lr 5e-4 (1e-3 learns as fast but loses what the curriculum taught at the switch).
-    # Not in it: video direction. It is learnt in ~200 steps of video alone, not in 500 steps with
-    # 30-50% other questions mixed in, nor in the whole run at any mixture or loss weighting tried;
-    # a video-only first phase learns it (video 1.00) but leaves the encoder colour-blind or, with
-    # colour questions added after it, costs easy-VQA (0.93 in 1,833 steps), so the main job keeps
-    # easy-VQA first (README, "Training: the main job").
+    # - lr 5e-4 (1e-3 learns as fast but loses what the curriculum taught at the switch);
+    # - video direction: all 6 frames of a clip, in temporal patches of 3 consecutive frames, so the
+    #   stem sees motion inside a patch, and `square` loss weighting, so a video sample's two answer
+    #   tokens are not outweighed 10:1 by a grouped easy-VQA item. With one frame per patch the
+    #   decoder must compare frames itself; that is learnt from video alone (~200 steps) but never
+    #   with the rest of the mixture (video 0.20-0.265, chance 0.25; README, "Training: the main job").
     synthetic = "shapes:0.05,charts:0.05,multi_image:0.1,video:0.2,retrieval:0.05"
     return VLMConfig(
         name="tiny",
-        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512, stem="conv"),
+        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512, stem="conv",
+                              temporal_patch_size=3),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
         decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,
                               max_seq_len=512),
-        train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=3000, max_minutes=8.5, save_every=500),
-        data=DataConfig(mixture=f"easy_vqa_grouped:0.55,{synthetic}", packing=True, max_length=256,
+        train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=3000, max_minutes=8.5, save_every=500,
+                          loss_weighting="square"),
+        data=DataConfig(mixture=f"easy_vqa_grouped:0.55,{synthetic}", packing=True, max_length=256, video_frames=6,
                         curriculum="easy_vqa_shape:0.45,easy_vqa_open:0.25,shapes:0.05,charts:0.05,multi_image:0.05,"
                                    "video:0.1,retrieval:0.05", curriculum_steps="700"),
     )

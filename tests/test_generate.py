@@ -431,13 +431,15 @@ def test_video_questions_encode_every_sampled_frame():
     model = lively_model()
     clip = build_dataset("video", "test", seed=0, image_size=48)[0]
     encoded = []
-    handle = model.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    handle = model.encoder.register_forward_hook(lambda module, args, out: encoded.append(tuple(args[0].shape[:2])))
     try:
         reply = chat(model, clip["messages"][:-1], max_new_tokens=4)
     finally:
         handle.remove()
     assert isinstance(reply, str)
-    assert encoded == [model.config.data.video_frames]
+    # Once, at prefill: the sampled frames in groups of temporal_patch_size, stacked on channels.
+    t, frames = model.config.encoder.temporal_patch_size, model.config.data.video_frames
+    assert encoded == [(-(-frames // t), 3 * t)]
 
 
 # ---- likelihood scoring -----------------------------------------------------------------------------------

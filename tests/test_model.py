@@ -23,7 +23,7 @@ def make_batch(cfg, images_per_row, T=None, seed=0):
         for j in range(k):
             start = 1 + j * (n + 2)
             ids[b, start:start + n] = cfg.image_token_id
-    pixels = torch.randn(sum(images_per_row), 3, cfg.encoder.image_size, cfg.encoder.image_size, generator=g)
+    pixels = torch.randn(sum(images_per_row), cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size, generator=g)
     return ids, pixels
 
 
@@ -168,8 +168,8 @@ def test_save_and_load_round_trip(tmp_path, pos_embed):
 def test_temporal_patches_take_frame_stacks_and_round_trip(tmp_path):
     cfg = preset("tiny").override("encoder.temporal_patch_size=2")
     model = VisionLanguageModel(cfg).eval()
-    ids, pixels = make_batch(cfg, [2])
-    stacks = torch.cat([pixels, pixels.flip(0)], dim=1)  # [2, 6, 64, 64]: two frames per view
+    ids, stacks = make_batch(cfg, [2])
+    assert stacks.shape == (2, 6, 64, 64)  # two RGB frames per view
     with torch.no_grad():
         assert model.encode_images(stacks).shape == (2, cfg.image_seq_len, cfg.decoder.width)
         logits = model(ids, pixel_values=stacks).logits
@@ -179,7 +179,7 @@ def test_temporal_patches_take_frame_stacks_and_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, pixel_values=stacks).logits, logits)
     with pytest.raises(ValueError, match=r"pixel_values must have shape \[N, 6, 64, 64\]; got \[2, 3, 64, 64\]"):
-        model(ids, pixel_values=pixels)
+        model(ids, pixel_values=stacks[:, :3])
 
 
 def test_tied_head_stays_tied_after_loading(tmp_path):
@@ -212,8 +212,8 @@ def test_from_pretrained_without_checkpoint(tmp_path):
     ("placeholders_without_images", "no images were given"),
     ("too_few_placeholders", "found 15"),
     ("images_without_placeholders", "found 0"),
-    ("wrong_channels", r"pixel_values must have shape \[N, 3, 64, 64\]; got \[1, 1, 64, 64\]"),
-    ("wrong_size", r"got \[1, 3, 32, 32\]"),
+    ("wrong_channels", r"pixel_values must have shape \[N, 9, 64, 64\]; got \[1, 1, 64, 64\]"),  # 3 frames x RGB
+    ("wrong_size", r"got \[1, 9, 32, 32\]"),
     ("ids_out_of_vocab", r"input_ids must lie in \[0, 1024\)"),
     ("float_ids", "integer tensor"),
 ])
