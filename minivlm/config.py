@@ -414,7 +414,7 @@ def apply_overrides(cfg: VLMConfig, assignments: list[str]) -> VLMConfig:
 
 def _tiny() -> VLMConfig:
     # Trains on a 2-core CPU in minutes: 64 px images, 8 px patches -> 64 patches, pixel shuffle 2
-    # -> 16 image tokens; ~2.7M parameters.
+    # -> 16 image tokens; ~2.8M parameters.
     # The defaults are the main job's recipe (`minivlm train`), each part measured on easy-VQA:
     # - a conv stem (shape needs a locality prior the 4-layer ViT cannot learn in minutes);
     # - all questions about an image in one sequence (easy_vqa_grouped, shared-prefix branches):

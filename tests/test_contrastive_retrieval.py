@@ -37,6 +37,10 @@ from tinykit import TINY_PARTS
 
 TINY = TINY_PARTS + (
     "decoder.n_layers=1", "decoder.max_seq_len=128", "data.max_length=96",
+    # Image-text pairs only: one frame per patch. Stills repeated over tiny's 3-frame patches give
+    # every time slice of the patch kernel the same gradient, a 3x step for images under Adam;
+    # at this lr recall@5 drops from 0.42 to 0.22 (README, "Inference and the tasks").
+    "encoder.temporal_patch_size=1",
 )
 TEST_PAIRS = 100
 
@@ -173,7 +177,7 @@ def test_trained_tiny_model_retrieves_far_above_chance(trained, test_pairs):
     model, losses = trained
     metrics = evaluate_retrieval(model, test_pairs)
     chance_at_5 = 5 / TEST_PAIRS
-    # Measured here (one thread): r@5 i2t 0.37 / t2i 0.44, r@1 0.18 / 0.15, r@10 0.54 / 0.62;
+    # Measured here (one thread, 2026-11-27): r@5 i2t 0.42 / t2i 0.43, r@1 0.14 / 0.15, r@10 0.64 / 0.64;
     # chance is 0.05, 0.01 and 0.10.
     assert metrics["i2t_r@5"] >= 5 * chance_at_5
     assert metrics["t2i_r@5"] >= 5 * chance_at_5
