@@ -37,6 +37,9 @@ class EncoderConfig:
     # 2021): the patch embedding sees this many consecutive video frames stacked on the channel
     # axis, so motion is visible inside one patch; an image is repeated to fill the stack.
     temporal_patch_size: int = 1
+    # How the stacked frames reach the patch kernel: frames (as stacked, Qwen2-VL) | differences
+    # (their mean, then consecutive differences: a still trains exactly like one frame).
+    temporal_input: str = "frames"
     width: int = 128
     depth: int = 4
     n_heads: int = 4
@@ -252,6 +255,8 @@ class VLMConfig:
         need(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
         need(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
              f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
+        need(e.temporal_input in ("frames", "differences"), "encoder.temporal_input",
+             f"expected frames | differences, got {e.temporal_input!r}")
         need(e.pos_embed in ("learned", "sincos2d"), "encoder.pos_embed",
              f"expected learned | sincos2d, got {e.pos_embed!r}")
         need(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",

@@ -121,6 +121,20 @@ class ConvStem(nn.Module):
         return self.layers(x) + self.linear(x)
 
 
+def mean_and_differences(pixels: Tensor, frames: int) -> Tensor:
+    """Stacked frames ``[N, frames * C, H, W]`` as their mean then the ``frames - 1`` differences
+    of consecutive frames (same shape).
+
+    An invertible change of basis for temporal patches: a still (every frame equal) has zero
+    differences, so it reaches the patch kernel only through the mean slice and trains exactly
+    like one frame. With the frames stacked as they are, each time slice of the kernel gets the
+    same gradient from a still, which under Adam moves the kernel ``frames`` times as far per step.
+    """
+    N, stacked, H, W = pixels.shape
+    x = pixels.view(N, frames, stacked // frames, H, W)
+    return torch.cat([x.mean(1, keepdim=True), x.diff(dim=1)], dim=1).view(N, stacked, H, W)
+
+
 def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> Tensor:
     """Fixed 2-D sine-cosine position embeddings: ``[h*w, dim]``, row-major like the patches.
 
@@ -222,6 +236,8 @@ class VisionTransformer(nn.Module):
     def embed(self, pixels: Tensor) -> Tensor:
         """Patchify, add class token and position embeddings: ``[N, C, H, W] -> [N, n_prefix + P, D]``."""
         self._check_pixels(pixels)
+        if self.cfg.temporal_patch_size > 1 and self.cfg.temporal_input == "differences":
+            pixels = mean_and_differences(pixels, self.cfg.temporal_patch_size)
         x = self.patch_embed(pixels)  # [N, D, h, w]
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)

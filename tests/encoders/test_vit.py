@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from minivlm.config import EncoderConfig
-from minivlm.encoders.vit import VisionTransformer, resize_pos_embed, sincos_2d_pos_embed
+from minivlm import preset
+from minivlm.config import ConfigError
+from minivlm.encoders.vit import VisionTransformer, mean_and_differences, resize_pos_embed, sincos_2d_pos_embed
 
 
 def small(**kw):
@@ -91,6 +93,34 @@ def test_a_still_through_temporal_patches_equals_the_single_frame_encoder():
     torch.testing.assert_close(deep(x.repeat(1, 2, 1, 1)), flat(x), atol=1e-5, rtol=1e-5)
     moving = torch.cat([x, x.roll(4, dims=-1)], dim=1)  # a second frame shifted right
     assert not torch.allclose(deep(moving), flat(x), atol=1e-3)
+
+
+def test_mean_and_differences_is_an_invertible_change_of_basis():
+    frames = torch.randn(2, 3, 3, 8, 8)  # N, time, RGB, H, W
+    basis = mean_and_differences(frames.flatten(1, 2), 3).view(2, 3, 3, 8, 8)
+    torch.testing.assert_close(basis[:, 0], frames.mean(1))
+    torch.testing.assert_close(basis[:, 1:], frames[:, 1:] - frames[:, :-1])
+    first = basis[:, 0] - (2 * basis[:, 1] + basis[:, 2]) / 3  # mean minus the offsets of frame 0
+    torch.testing.assert_close(first, frames[:, 0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_with_differences_a_still_is_one_frame_in_value_and_in_gradient(stem):
+    torch.manual_seed(0)
+    flat, deep = small(stem=stem), small(stem=stem, temporal_patch_size=3, temporal_input="differences")
+    state = flat.state_dict()
+    for key, value in deep.state_dict().items():
+        if value.shape != state[key].shape:  # the kernels that read pixels: random time slices
+            state[key] = torch.cat([state[key], torch.randn_like(value[:, 3:])], dim=1)
+    deep.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    out = deep(x.repeat(1, 3, 1, 1))
+    torch.testing.assert_close(out, flat(x), atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    kernel = deep.patch_embed.weight if stem == "patch" else deep.patch_embed.linear.weight
+    assert kernel.grad[:, :3].abs().sum() > 0 and kernel.grad[:, 3:].abs().sum() == 0
+    with pytest.raises(ConfigError, match="encoder.temporal_input: expected frames | differences"):
+        preset("tiny").override("encoder.temporal_input=delta").validate()
 
 
 def test_conv_stem_keeps_the_patch_grid_and_unit_scale():
