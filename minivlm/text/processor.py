@@ -196,7 +196,8 @@ class Processor:
 
     def as_stills(self, views: Tensor) -> Tensor:
         """Image views ``[n, 3, H, W]`` as still clips ``[n, 3t, H, W]`` (each repeated ``t`` times)."""
-        return views.repeat(1, self.config.temporal_patch_size, 1, 1)
+        t = self.config.temporal_patch_size
+        return views if t == 1 else views.repeat(1, t, 1, 1)  # no copy per image in the common case
 
     def frame_groups(self, frames: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
         """Video frame views (each ``[1, 3, H, W]``) as ``(first frame index, [1, 3t, H, W])``
@@ -207,7 +208,7 @@ class Processor:
         for start in range(0, len(frames), t):
             group = list(frames[start : start + t])
             group += [group[-1]] * (t - len(group))
-            groups.append((start, torch.cat(group, dim=1)))
+            groups.append((start, group[0] if t == 1 else torch.cat(group, dim=1)))
         return groups
 
     # ---- rendering ------------------------------------------------------------------------

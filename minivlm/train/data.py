@@ -216,8 +216,7 @@ class TrainCollator:
                 skipped[item.reason] += 1
             elif isinstance(item, RenderedGroup):
                 skipped.update(item.skipped)
-                members = self._weighted(item.samples)
-                samples.extend(self._merge(RenderedGroup(members, item.skipped)))
+                samples.extend(self._merge(self._weighted(item.samples)))
                 n_samples += len(item.samples)
             else:
                 samples.extend(self._weighted([item]))
@@ -236,19 +235,19 @@ class TrainCollator:
         weight = sample_loss_weight(sum(m.n_supervised for m in members), self.loss_weighting)
         return [dataclasses.replace(m, loss_weights=[weight] * len(m)) for m in members]
 
-    def _merge(self, group: RenderedGroup) -> list[Any]:
-        """One shared-prefix sample for the group, split into as few as fit ``pack_length``."""
-        if not group.samples:
+    def _merge(self, members: list[Any]) -> list[Any]:
+        """One shared-prefix sample for a group's members, split into as few as fit ``pack_length``."""
+        if not members:
             return []
         if self.image_token_id is None:
             raise ValueError("grouped dataset items need TrainCollator(image_token_id=...) to merge them")
-        merged = merge_shared_prefix(group.samples, self.image_token_id)
+        merged = merge_shared_prefix(members, self.image_token_id)
         if not self.pack_length or len(merged["input_ids"]) <= self.pack_length:
             return [merged]
         # Plan the split with the whole group's prefix: any subset shares at least that much.
         prefix = merged["branch_ids"].count(0)
         parts, current, length = [], [], prefix
-        for sample in group.samples:
+        for sample in members:
             branch = len(sample) - prefix
             if current and length + branch > self.pack_length:
                 parts.append(current)
@@ -282,12 +281,13 @@ def supervised_tokens(batch: dict[str, Any]) -> int:
     return 0 if labels is None else int((labels[:, 1:] != -100).sum())
 
 
-def supervised_weight(batch: dict[str, Any]) -> float:
+def supervised_weight(batch: dict[str, Any], n_tokens: int | None = None) -> float:
     """The loss's normaliser for this batch: the total ``loss_weights`` of its supervised tokens
-    (as the model sums them), or their number when the batch carries no weights."""
+    (as the model sums them), or their number when the batch carries no weights (``n_tokens``
+    when the caller has counted them already: counting is a device reduction and a host sync)."""
     weights, labels = batch.get("loss_weights"), batch.get("labels")
     if weights is None or labels is None:
-        return float(supervised_tokens(batch))
+        return float(supervised_tokens(batch) if n_tokens is None else n_tokens)
     return float(weights[:, 1:][labels[:, 1:] != -100].double().sum())
 
 

@@ -469,9 +469,9 @@ class Trainer:
         usable = [b for b in micro if b["n_samples"]]
         skipped = sum((b["skipped"] for b in micro), Counter())
         # n_global normalises the loss: the supervised tokens' count, or their total loss weight.
-        n_global, n_tokens, n_skipped = self.dist.all_reduce_sums(sum(supervised_weight(b) for b in usable),
-                                                                  sum(supervised_tokens(b) for b in usable),
-                                                                  sum(skipped.values()))
+        counts = [supervised_tokens(b) for b in usable]
+        n_global, n_tokens, n_skipped = self.dist.all_reduce_sums(
+            sum(supervised_weight(b, n) for b, n in zip(usable, counts)), sum(counts), sum(skipped.values()))
         if n_skipped:
             self.skipped_samples.update(self.dist.gather_counts(skipped))
         multiplier = lr_multiplier(self.step, self.total_steps, self.tcfg)
