@@ -137,7 +137,7 @@ def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str
                 f"sample #{index} of the group has image placeholders after the shared prefix ({n} tokens); "
                 f"merge_shared_prefix expects every image in the common prefix (e.g. one image, several questions)"
             )
-        same = (s.pixel_values is None) == (first.pixel_values is None) and (
+        same = s.pixel_values is first.pixel_values or (s.pixel_values is None) == (first.pixel_values is None) and (
             s.pixel_values is None or (s.pixel_values.shape == first.pixel_values.shape
                                        and torch.equal(s.pixel_values, first.pixel_values)))
         if not same:

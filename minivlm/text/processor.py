@@ -132,6 +132,24 @@ class RenderedSample:
         return len(self.input_ids)
 
 
+class MediaCache:
+    """Preprocessed images by object identity, for renders that share image objects.
+
+    Keyed by ``id(image)`` while holding a reference to the image, so an id cannot be recycled
+    by another object during the cache's life. Entries are only valid for one processor.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, Any]] = {}
+
+    def get(self, image: Any) -> Any:
+        entry = self._entries.get(id(image))
+        return entry[1] if entry is not None and entry[0] is image else None
+
+    def put(self, image: Any, value: Any) -> None:
+        self._entries[id(image)] = (image, value)
+
+
 @dataclass
 class _Block:
     """A run of the rendered sample; ``atomic`` blocks (an image, a video frame) are never split."""
@@ -218,11 +236,14 @@ class Processor:
         *,
         add_generation_prompt: bool = False,
         for_training: bool | None = None,
+        media_cache: MediaCache | None = None,
     ) -> RenderedSample:
         """Render one conversation (HF chat format or :class:`~minivlm.text.chat.Message` list).
 
         ``for_training`` defaults to ``not add_generation_prompt``; a training sample needs an
-        assistant turn and may be truncated, a generation prompt may not.
+        assistant turn and may be truncated, a generation prompt may not. ``media_cache``: share
+        one across the renders of conversations that show the same image objects (a grouped
+        dataset item: ten questions about one image), so each image is preprocessed once.
 
         Raises:
             ChatFormatError: malformed conversation (see :mod:`minivlm.text.chat`).
@@ -232,7 +253,8 @@ class Processor:
         """
         if for_training is None:
             for_training = not add_generation_prompt
-        blocks = self._blocks(messages, add_generation_prompt=add_generation_prompt, for_training=for_training)
+        blocks = self._blocks(messages, add_generation_prompt=add_generation_prompt, for_training=for_training,
+                              media_cache=media_cache)
         length = sum(len(b.input_ids) for b in blocks)
         limit = self.config.max_length
         truncated = limit is not None and length > limit
@@ -299,7 +321,8 @@ class Processor:
         return pad_collate(samples, self.tokenizer.pad_id, padding_side)
 
     def _expanded_segments(
-        self, messages: Sequence[Mapping[str, Any] | Message], *, add_generation_prompt: bool, for_training: bool
+        self, messages: Sequence[Mapping[str, Any] | Message], *, add_generation_prompt: bool, for_training: bool,
+        media_cache: MediaCache | None = None,
     ) -> list[tuple[list[Segment], Tensor | None]]:
         """Template segments with media expanded: ``(segments, views)`` pairs; views is None
         for text and special segments, and the media's ``[n, 3, H, W]`` views otherwise."""
@@ -310,15 +333,13 @@ class Processor:
             if not isinstance(segment, MediaSegment):
                 expanded.append(([segment], None))
             elif isinstance(segment.part, ImagePart):
-                processed = self.image_processor(segment.part.image)
-                expected_views = processed.rows * processed.cols + 1 if processed.rows else 1
-                if processed.n_views != expected_views:
-                    raise ValueError(
-                        f"image processor returned {processed.n_views} views for a {processed.rows}x{processed.cols} "
-                        f"grid; expected {expected_views} (tiles then the global view)"
-                    )
-                layout = image_segments(self.image_seq_len, processed.rows, processed.cols)
-                expanded.append((layout, self.as_stills(processed.pixel_values)))
+                image = segment.part.image
+                cached = media_cache.get(image) if media_cache is not None else None
+                if cached is None:
+                    cached = self._image_views(image)
+                    if media_cache is not None:
+                        media_cache.put(image, cached)
+                expanded.append(cached)
             else:
                 vision = self.image_processor.config
                 clip = load_video(
@@ -332,12 +353,25 @@ class Processor:
                     expanded.append((video_frame_segments(clip.timestamps[first], self.image_seq_len), views))
         return expanded
 
+    def _image_views(self, image: Any) -> tuple[list[Segment], Tensor]:
+        """One image's placeholder layout and its ``[n_views, C, H, W]`` views."""
+        processed = self.image_processor(image)
+        expected_views = processed.rows * processed.cols + 1 if processed.rows else 1
+        if processed.n_views != expected_views:
+            raise ValueError(
+                f"image processor returned {processed.n_views} views for a {processed.rows}x{processed.cols} "
+                f"grid; expected {expected_views} (tiles then the global view)"
+            )
+        layout = image_segments(self.image_seq_len, processed.rows, processed.cols)
+        return layout, self.as_stills(processed.pixel_values)
+
     def _blocks(
-        self, messages: Sequence[Mapping[str, Any] | Message], *, add_generation_prompt: bool, for_training: bool
+        self, messages: Sequence[Mapping[str, Any] | Message], *, add_generation_prompt: bool, for_training: bool,
+        media_cache: MediaCache | None = None,
     ) -> list[_Block]:
         blocks = []
         for segments, views in self._expanded_segments(
-            messages, add_generation_prompt=add_generation_prompt, for_training=for_training
+            messages, add_generation_prompt=add_generation_prompt, for_training=for_training, media_cache=media_cache
         ):
             input_ids, labels = encode_segments(segments, self.tokenizer)
             blocks.append(_Block(input_ids, labels, views, atomic=views is not None))

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from minivlm.data.collate import Packer, merge_shared_prefix, pad_collate
-from minivlm.text.processor import Processor, SampleSkipped
+from minivlm.text.processor import MediaCache, Processor, SampleSkipped
 from minivlm.train.loss_weighting import sample_loss_weight
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,16 @@ class RenderedDataset(Dataset):
     def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
         if isinstance(item, list):
-            rendered = [self._render(sample) for sample in item]
+            # The members show the same image objects: preprocess each once for the whole group.
+            cache = MediaCache()
+            rendered = [self._render(sample, cache) for sample in item]
             return RenderedGroup([r for r in rendered if not isinstance(r, Skipped)],
                                  [r.reason for r in rendered if isinstance(r, Skipped)])
         return self._render(item)
 
-    def _render(self, sample: dict[str, Any]) -> Any:
+    def _render(self, sample: dict[str, Any], media_cache: MediaCache | None = None) -> Any:
         try:
-            return self.processor.render(sample["messages"], for_training=True)
+            return self.processor.render(sample["messages"], for_training=True, media_cache=media_cache)
         except SampleSkipped as err:
             return Skipped(err.reason)
 

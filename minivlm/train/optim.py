@@ -9,6 +9,11 @@ from torch import nn
 
 from minivlm.config import TrainConfig
 
+#: Devices with a fused (single multi-tensor kernel) AdamW in torch >= 2.4. On the 2-core CPU the
+#: fused step of ``tiny`` takes 2.6-3.0 ms against 8.8-8.9 ms for the default foreach path
+#: (20 steps each, interleaved, 2026-12-04), and gives the same weights within float rounding.
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
+
 #: Group name of LoRA adapter weights (see :mod:`minivlm.train.lora`): they train at the base
 #: learning rate whatever the stage does to the part they adapt, which is usually frozen.
 LORA_GROUP = "lora"
@@ -44,11 +49,12 @@ def param_groups(model: nn.Module, scales: dict[str, float], cfg: TrainConfig) -
 
 def build_optimizer(model: nn.Module, scales: dict[str, float], cfg: TrainConfig,
                     device: torch.device) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019) over :func:`param_groups`; the fused kernel on CUDA."""
+    """AdamW (Loshchilov & Hutter 2019) over :func:`param_groups`; the fused kernel wherever torch
+    has one (:data:`FUSED_ADAMW_DEVICES`, the CPU included)."""
     groups = param_groups(model, scales, cfg)
     if not groups:
         raise ValueError("no trainable parameters: every part is frozen by the stage / lr_scale settings")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type in FUSED_ADAMW_DEVICES)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:
