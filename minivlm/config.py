@@ -143,7 +143,10 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     steps: int = 1000
+    # A wall-clock budget: the schedule is shortened to fit it, so the result depends on the
+    # machine's speed. Off by default; a run's length is `steps`.
     max_minutes: float | None = None
+    cpu_threads: int = 0  # torch intra-op threads on the CPU; 0: chosen by timing steps (train/threads.py)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     fused_loss: bool = True  # LM head + cross-entropy in token chunks, no [tokens, vocab] logits (kernels/fused_ce.py)

@@ -7,6 +7,7 @@ beside it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -101,7 +102,8 @@ class RunOutputs:
 
 #: Training-only views of a dataset are scored on the dataset's standard test form.
 EVAL_FORM = {"easy_vqa_dialogues": "easy_vqa", "easy_vqa_grouped": "easy_vqa", "easy_vqa_open": "easy_vqa",
-             "easy_vqa_shape": "easy_vqa", "easy_vqa_color": "easy_vqa"}
+             "easy_vqa_shape": "easy_vqa", "easy_vqa_color": "easy_vqa", "shapes_grouped": "shapes",
+             "charts_grouped": "charts", "multi_image_grouped": "multi_image"}
 
 
 def eval_sources(spec: str) -> list[str]:
@@ -164,7 +166,9 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
             {k: v for k, v in result.__dict__.items() if k != "history"}, indent=2) + "\n")
         plot_run(run_dir)
         if result.status != "interrupted":
-            report = evaluate_run(model, cfg, eval_limit=eval_limit, progress=progress)
+            tuner = trainer.thread_tuner  # evaluate under the thread count training found fastest
+            with cpu_threads(tuner.choice if tuner is not None else torch.get_num_threads()):
+                report = evaluate_run(model, cfg, eval_limit=eval_limit, progress=progress)
             (run_dir / "eval.json").write_text(json.dumps(
                 {"metrics": report.metrics, "counts": report.counts, "seconds": report.seconds,
                  "train_seconds": result.seconds, "steps": result.steps,
@@ -172,6 +176,17 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
                 indent=2) + "\n")
     dist.barrier()
     return RunOutputs(run_dir, model_dir, result.seconds, result.status, result.steps, report)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 #: Test samples per task scored by the periodic evaluation during training.

@@ -53,6 +53,7 @@ from minivlm.train.lora import apply_lora, has_lora, mark_only_lora_trainable
 from minivlm.train.optim import build_optimizer, lr_multiplier
 from minivlm.train.precision import autocast, grad_scaler, resolve_precision
 from minivlm.train.stages import apply_stage, part_lr_scales
+from minivlm.train.threads import ThreadTuner, available_cores, thread_candidates
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ def check_train_config(cfg: TrainConfig) -> None:
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
     need(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "betas", "two numbers in [0, 1)")
     need(cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", "None or a number > 0")
+    need(isinstance(cfg.cpu_threads, int) and not isinstance(cfg.cpu_threads, bool) and cfg.cpu_threads >= 0,
+         "cpu_threads", "an integer >= 0 (0: chosen by measurement)")
     rank = getattr(cfg, "lora_rank", 0)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ConfigError(f"train.lora_rank: expected an integer >= 0 (0 disables LoRA), got {rank!r}")
@@ -184,6 +187,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self._filler: dict[str, Any] | None = None
+        self.thread_tuner: ThreadTuner | None = None  # set by fit() on the CPU
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._tb = self._tensorboard()
 
@@ -414,10 +418,17 @@ class Trainer:
         calibrate_from = max(start_step, self.curriculum_steps)  # time the main data's steps
         t_calibrate = t_start
         bar = self._progress_bar()
+        threads_before = torch.get_num_threads()
+        self.thread_tuner = self._thread_tuner()
         self.model.train()
         try:
             while self.step < self.total_steps:
+                threads = self.thread_tuner.threads_for_next_step() if self.thread_tuner else None
+                t_step = time.perf_counter()
                 record = self._train_step(batches)
+                if self.thread_tuner is not None:
+                    self.thread_tuner.record(time.perf_counter() - t_step)
+                    record["threads"] = threads
                 record["elapsed_s"] = time.perf_counter() - t_start
                 if self.step == calibrate_from:
                     t_calibrate = time.perf_counter()
@@ -450,6 +461,7 @@ class Trainer:
             if (status == "interrupted" or self.tcfg.save_every) and self._saved_step != self.step:
                 self.save()
         finally:
+            torch.set_num_threads(threads_before)
             if bar is not None:
                 bar.close()
             for sig, h in previous_handlers.items():
@@ -461,6 +473,13 @@ class Trainer:
             log.warning("skipped samples: %s", dict(self.skipped_samples))
         return TrainResult(self.step, status, last_loss, seconds, tokens_seen / max(seconds, 1e-9),
                            self.nonfinite_total, dict(self.skipped_samples), history, self.overflow_total)
+
+    def _thread_tuner(self) -> ThreadTuner | None:
+        """On the CPU: ``train.cpu_threads`` threads, or (0) the count chosen by timing steps."""
+        if self.device.type != "cpu":
+            return None
+        fixed = self.tcfg.cpu_threads
+        return ThreadTuner((fixed,) if fixed else thread_candidates(available_cores()))
 
     def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its metrics record."""
