@@ -138,6 +138,17 @@ def render_chart(chart: BarChart, image_size: int) -> Image.Image:
     return image
 
 
+#: The chart of the course page minivlm follows, whose one example dialogue is
+#: "What is the highest value in the bar chart?" -> "42" (``make demo`` asks it).
+SEED_CHART = BarChart(labels=("A", "B", "C", "D"), values=(25, 42, 31, 12), bar_color="blue",
+                      background=(250, 250, 250))
+
+
+def seed_chart_image(image_size: int = 64) -> Image.Image:
+    """:data:`SEED_CHART` rendered at ``image_size`` (the ``tiny`` encoder's 64 px by default)."""
+    return render_chart(SEED_CHART, image_size)
+
+
 def _extreme_gap(value: int) -> int:
     """How far other bars stay from an extreme ``value``: visible by eye, not only by label."""
     return max(MIN_VALUE_GAP, round(0.1 * value))
@@ -185,6 +196,26 @@ class ChartsDataset(SyntheticDataset):
             question_type=question_type,
             scene=chart,
         )
+
+    def questions_about(self, chart: BarChart) -> list[tuple[str, str, str]]:
+        """Every question with one unambiguous answer on ``chart``: ``(type, question, answer)``.
+
+        The highest and lowest values and every bar's value always; the tallest (shortest) bar only
+        when it stands out by the gap this task's own tallest (shortest) questions guarantee.
+        """
+        values, labels = chart.values, chart.labels
+        top, bottom = max(values), min(values)
+        found = [("max_value", "What is the highest value in the bar chart?", str(top)),
+                 ("min_value", "What is the lowest value in the bar chart?", str(bottom))]
+        rest_top = sorted(values)[-2]
+        if rest_top <= top - _extreme_gap(top):
+            found.append(("tallest", "Which bar is the tallest?", labels[values.index(top)]))
+        rest_bottom = sorted(values)[1]
+        if rest_bottom >= bottom + _extreme_gap(bottom):
+            found.append(("shortest", "Which bar is the shortest?", labels[values.index(bottom)]))
+        found += [("bar_value", f"What is the value of bar {label}?", str(value))
+                  for label, value in zip(labels, values)]
+        return [q for q in found if q[0] in self.question_types]
 
     @staticmethod
     def _values(rng: random.Random, question_type: str, n_bars: int, target: int) -> list[int]:

@@ -70,6 +70,28 @@ class MultiImageDataset(SyntheticDataset):
             scene=tuple(scenes),
         )
 
+    def questions_about(self, scenes: tuple[ShapeScene, ...]) -> list[tuple[str, str, str]]:
+        """Every question with one unambiguous answer on ``scenes``: ``(type, question, answer)``.
+
+        "Which image has more X?" for each kind X that one image shows strictly more often than
+        every other; "the same color?" when every image is single-coloured.
+        """
+        n = len(scenes)
+        comparative = "more" if n == 2 else "the most"
+        found = []
+        for kind in SHAPES:
+            counts = [scene.count(kind) for scene in scenes]
+            most = max(counts)
+            if counts.count(most) == 1:
+                found.append(("more", f"Which image has {comparative} {plural(kind)}?",
+                              f"the {ORDINALS[counts.index(most)]} image"))
+        colors = [{s.color for s in scene.shapes} for scene in scenes]
+        if all(len(c) == 1 for c in colors):
+            which = "both images" if n == 2 else "all three images"
+            answer = "yes" if len(set.union(*colors)) == 1 else "no"
+            found.append(("same_color", f"Are the shapes in {which} the same color?", answer))
+        return [q for q in found if q[0] in self.question_types]
+
     @staticmethod
     def _more(rng: random.Random) -> tuple[list[list[tuple[str, str]]], str, str]:
         answer_index = rng.randrange(MAX_IMAGES)

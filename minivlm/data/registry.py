@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from minivlm.data.charts import ChartsDataset
 from minivlm.data.easy_vqa import EasyVQA, EasyVQADialogues
+from minivlm.data.grouped import GroupedQuestions
 from minivlm.data.jsonl import ChatJsonlDataset, LlavaJsonDataset
 from minivlm.data.mixture import Mixture, check_weight
 from minivlm.data.multi_image import MultiImageDataset
@@ -200,5 +201,7 @@ register_dataset("charts", _synthetic(ChartsDataset))
 register_dataset("multi_image", _synthetic(MultiImageDataset))
 register_dataset("video", _synthetic(VideoDataset))
 register_dataset("retrieval", _synthetic(RetrievalDataset))
+for _task in (ShapesDataset, ChartsDataset, MultiImageDataset):
+    register_dataset(f"{_task.task}_grouped", lambda request, task=_task: GroupedQuestions(_synthetic(task)(request)))
 register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path), takes_path=True)
 register_dataset("llava", lambda request: LlavaJsonDataset(request.path), takes_path=True)

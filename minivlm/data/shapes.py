@@ -40,7 +40,7 @@ from minivlm.data.drawing import (
     render_scene,
 )
 from minivlm.data.sample import image_item, vqa_sample
-from minivlm.data.synthetic import SyntheticDataset
+from minivlm.data.synthetic import SyntheticDataset, stable_seed
 
 MAX_SHAPES = 4
 #: Minimum centre distance, as a fraction of the image, for a spatial relation to count.
@@ -125,6 +125,34 @@ class ShapesDataset(SyntheticDataset):
             question_type=question_type,
             scene=scene,
         )
+
+    def questions_about(self, scene: ShapeScene) -> list[tuple[str, str, str]]:
+        """Every question with one unambiguous answer on ``scene``: ``(type, question, answer)``.
+
+        The caption and the count of each shape kind always; the colour of each kind shown once;
+        the kind of each colour shown once; for every two kinds shown once, whether one is left
+        of / right of / above / below the other, where their centres are :data:`RELATION_MARGIN`
+        apart along that axis (one relation per pair, the relation and the order of the two kinds
+        drawn from a generator seeded by the scene, so the same scene asks the same questions).
+        """
+        shapes = scene.shapes
+        found = [("caption", "Describe the image.", describe_shapes(shapes))]
+        found += [("count", f"How many {plural(kind)} are there?", str(scene.count(kind))) for kind in SHAPES]
+        unique_kinds = [s for s in shapes if scene.count(kind=s.kind) == 1]
+        found += [("color", f"What color is the {s.kind}?", s.color) for s in unique_kinds]
+        found += [("shape", f"What is the {s.color} shape?", s.kind)
+                  for s in shapes if scene.count(color=s.color) == 1]
+        by_kind = sorted(unique_kinds, key=lambda s: SHAPES.index(s.kind))
+        rng = random.Random(stable_seed("relations", repr(shapes)))
+        for i, first in enumerate(by_kind):
+            for second in by_kind[i + 1:]:
+                a, b = (first, second) if rng.random() < 0.5 else (second, first)
+                decidable = [r for r in RELATIONS if relation_holds(a, b, r) or relation_holds(a, b, OPPOSITE_RELATION[r])]
+                if decidable:
+                    relation = rng.choice(decidable)
+                    answer = "yes" if relation_holds(a, b, relation) else "no"
+                    found.append(("position", f"Is the {a.kind} {relation} the {b.kind}?", answer))
+        return [q for q in found if q[0] in self.question_types]
 
     def _caption(self, rng: random.Random) -> QuestionPlan:
         specs = random_specs(rng, rng.randint(1, MAX_SHAPES))
