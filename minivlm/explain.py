@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from minivlm.layers.attention import BACKENDS, AttentionMask, math_attention
+from minivlm.kernels.dispatch import override_backend
+from minivlm.kernels.mask import AttentionMask
+from minivlm.kernels.reference import math_attention
 from minivlm.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -83,10 +85,10 @@ class AttentionRecorder:
 def record_attention(model: nn.Module) -> Iterator[AttentionRecorder]:
     """Record the probabilities of every attention call ``model`` makes inside the block.
 
-    Every registered backend is temporarily replaced by an fp32 reference that keeps its
-    probabilities (so dispatch, whatever it picks, lands here), and forward hooks keep a stack of
-    the module names being executed so each record is named by its caller. Everything is
-    restored on exit, also when the block raises.
+    Every attention call inside the block is routed to an fp32 reference that keeps its
+    probabilities (:func:`~minivlm.kernels.dispatch.override_backend`: whatever backend a module
+    chose), and forward hooks keep a stack of the module names being executed so each record is
+    named by its caller. Everything is restored on exit, also when the block raises.
 
     Example::
 
@@ -116,13 +118,10 @@ def record_attention(model: nn.Module) -> Iterator[AttentionRecorder]:
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(entering(name)))
         handles.append(module.register_forward_hook(leaving))
-    saved = dict(BACKENDS)
-    for key in saved:
-        BACKENDS[key] = recording_attention
     try:
-        yield recorder
+        with override_backend(recording_attention):
+            yield recorder
     finally:
-        BACKENDS.update(saved)
         for handle in handles:
             handle.remove()
 

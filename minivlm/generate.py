@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,9 @@ import minivlm.encoders  # noqa: F401
 import minivlm.fusion  # noqa: F401
 import minivlm.projectors  # noqa: F401
 from minivlm.config import VLMConfig, preset
+from minivlm.kernels.dispatch import check_backend
 from minivlm.kernels.fused_ce import fused_linear_cross_entropy
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.init import init_linear_
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
@@ -88,10 +89,19 @@ class VisionLanguageModel(nn.Module):
         return cls(preset(name).override(*overrides))
 
     def set_attention_backend(self, backend: str | None) -> None:
-        """Route every attention call of the encoder and decoder to one backend (None/"auto": dispatch)."""
-        backend = None if backend in (None, "auto") else backend
-        self.encoder.set_attention_backend(backend)
-        self.decoder.set_attention_backend(backend)
+        """Route every attention call of the model to one backend (None/"auto": the default table).
+
+        Every module that calls :func:`~minivlm.kernels.dispatch.attention` keeps its choice in an
+        ``attention_backend`` attribute (encoder blocks, the MAP head, resampler layers, decoder
+        layers, cross-attention blocks); all of them are set here.
+
+        Raises:
+            ValueError: an unknown backend, or one that cannot load here.
+        """
+        backend = check_backend(backend)
+        for module in self.modules():
+            if hasattr(module, "attention_backend"):
+                module.attention_backend = backend
 
     @property
     def device(self) -> torch.device:

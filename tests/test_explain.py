@@ -21,7 +21,9 @@ from minivlm.explain import (
     record_attention,
     tokens_to_patches,
 )
-from minivlm.layers.attention import BACKENDS, AttentionMask, attention, math_attention
+from minivlm.kernels.dispatch import BACKENDS, attention
+from minivlm.kernels.mask import AttentionMask
+from minivlm.kernels.reference import math_attention
 from minivlm.model import VisionLanguageModel
 from minivlm.text.tokenizer import Tokenizer
 from minivlm.train.recipe import attach_tokenizer, build_processor
@@ -135,12 +137,17 @@ def test_recording_output_equals_math_attention_with_grouped_query_heads():
     assert recorder.records[0].probs.shape == (2, 4, 5, 7)
 
 
-def test_backends_are_restored_even_when_the_block_raises():
+def test_routing_is_restored_even_when_the_block_raises_and_the_backend_table_is_never_patched():
     before = dict(BACKENDS)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="boom"):
-        with record_attention(torch.nn.Linear(2, 2)):
-            assert all(fn is not before[name] for name, fn in BACKENDS.items())
+        with record_attention(torch.nn.Linear(2, 2)) as recorder:
+            attention(q, k, v, AttentionMask.causal_lm(), backend="sdpa")
+            assert len(recorder.records) == 1
+            assert BACKENDS == before
             raise RuntimeError("boom")
+    attention(q, k, v, AttentionMask.causal_lm(), backend="sdpa")
+    assert len(recorder.records) == 1  # calls after the block are not recorded
     assert BACKENDS == before
 
 

@@ -76,7 +76,7 @@ def test_zero_gated_cross_attention_leaves_the_decoder_unchanged():
     with torch.no_grad():
         fused = model(ids, pixel_values=pixels).logits
         positions = torch.arange(ids.shape[1]).expand_as(ids)
-        from minivlm.layers.attention import AttentionMask
+        from minivlm.kernels.mask import AttentionMask
 
         text_only = model.decoder.logits(model.decoder(model.decoder.embed(ids), AttentionMask.causal_lm(), positions))
     assert torch.equal(fused, text_only)
@@ -265,3 +265,40 @@ def test_summary_counts_every_projector_including_the_resampler():
     s = summarize(preset("tiny").override("projector=resampler"))
     proj = next(p for p in s.parts if p.part == "projector")
     assert proj.forward_flops > 0 and proj.trainable == proj.params > 0
+
+
+@pytest.mark.parametrize("projector, fusion, pooling", [("resampler", "cross_attention", "map"),
+                                                        ("pixel_shuffle", "prefix", "none")])
+def test_attention_backend_reaches_every_attention_call(monkeypatch, projector, fusion, pooling):
+    from minivlm.kernels.dispatch import BACKENDS
+    from minivlm.kernels.reference import math_attention
+
+    served = []
+
+    def spy(q, k, v, mask, scale=None):
+        served.append(mask.kind)
+        return math_attention(q, k, v, mask, scale=scale)
+
+    def forbidden(q, k, v, mask, scale=None):
+        raise AssertionError(f"a {mask.kind!r} attention call ignored attention_backend")
+
+    for name in list(BACKENDS):
+        monkeypatch.setitem(BACKENDS, name, forbidden)
+    monkeypatch.setitem(BACKENDS, "spy", spy)
+    cfg = preset("tiny").override(f"projector={projector}", f"fusion={fusion}", f"encoder.pooling={pooling}",
+                                  "attention_backend=spy")
+    model = VisionLanguageModel(cfg).eval()
+    ids, pixels = make_batch(cfg, [1, 1])
+    with torch.no_grad():
+        model(ids, pixel_values=pixels)
+        model.encoder.pooled(pixels)
+    e, d = cfg.encoder, cfg.decoder
+    resampler = cfg.projector.n_layers if projector == "resampler" else 0
+    cross = -(-d.n_layers // cfg.fusion.every) if fusion == "cross_attention" else 0
+    map_head = 1 if pooling == "map" else 0
+    assert len(served) == e.depth + resampler + d.n_layers + cross + e.depth + map_head
+
+
+def test_an_unknown_attention_backend_is_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"unknown attention backend 'fast'.*'auto', 'flex'"):
+        VisionLanguageModel(preset("tiny").override("attention_backend=fast"))

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from minivlm.config import DecoderConfig, VLMConfig
-from minivlm.layers.attention import AttentionMask, attention
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.layers.mlp import SwiGLU
 from minivlm.layers.norms import RMSNorm
@@ -36,7 +37,7 @@ class DecoderAttention(nn.Module):
         self.k = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
         self.v = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(self.n_heads * self.head_dim, cfg.width, bias=False)
-        self.backend: str | None = None
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
                 cache: StaticKVCache | None = None) -> Tensor:
@@ -48,7 +49,7 @@ class DecoderAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, mask, backend=self.backend)
+        out = attention(q, k, v, mask, backend=self.attention_backend)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -85,10 +86,6 @@ class LlamaDecoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False
-
-    def set_attention_backend(self, backend: str | None) -> None:
-        for layer in self.layers:
-            layer.attn.backend = backend
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> StaticKVCache:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivlm.config import EncoderConfig, VLMConfig
-from minivlm.layers.attention import AttentionMask, attention
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import MLP
 from minivlm.registry import ENCODERS
 
@@ -34,12 +35,12 @@ class EncoderAttention(nn.Module):
         self.n_heads = n_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.backend: str | None = None
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, x: Tensor) -> Tensor:
         N, L, D = x.shape
         q, k, v = self.qkv(x).view(N, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.backend)
+        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.attention_backend)
         return self.proj(out.transpose(1, 2).reshape(N, L, D))
 
 
@@ -75,13 +76,14 @@ class AttentionPoolHead(nn.Module):
         self.proj = nn.Linear(D, D)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.mlp = MLP(D, cfg.mlp_dim, act=cfg.activation)
+        self.attention_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         N, L, D = x.shape
         h, dh = self.n_heads, D // self.n_heads
         q = self.q(self.latent.expand(N, -1, -1)).view(N, 1, h, dh).transpose(1, 2)
         k, v = self.kv(x).view(N, L, 2, h, dh).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, _BIDIRECTIONAL).transpose(1, 2).reshape(N, 1, D)
+        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.attention_backend).transpose(1, 2).reshape(N, 1, D)
         out = self.proj(out)
         out = out + self.mlp(self.norm(out))
         return out[:, 0]
@@ -220,10 +222,6 @@ class VisionTransformer(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim or self.cfg.width
-
-    def set_attention_backend(self, backend: str | None) -> None:
-        for blk in self.blocks:
-            blk.attn.backend = backend
 
     def _check_pixels(self, pixels: Tensor) -> None:
         c, p = self.cfg, self.cfg.patch_size

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from minivlm.decoders.llama import LayerHook
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 
 
 @dataclass

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from minivlm.config import VLMConfig
 from minivlm.fusion.base import FusedInputs, placeholder_mask
-from minivlm.layers.attention import AttentionMask, attention
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.layers.mlp import SwiGLU
 from minivlm.layers.norms import RMSNorm
@@ -44,6 +45,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_dim)
         self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, h: Tensor, images: Tensor, mask: AttentionMask) -> Tensor:
         B, T, D = h.shape
@@ -51,7 +53,7 @@ class GatedCrossAttentionBlock(nn.Module):
         q = self.q(self.attn_norm(h)).view(B, T, self.n_heads, hd).transpose(1, 2)
         k = self.k(images).view(B, S, self.n_heads, hd).transpose(1, 2)
         v = self.v(images).view(B, S, self.n_heads, hd).transpose(1, 2)
-        att = attention(q, k, v, mask).transpose(1, 2).reshape(B, T, D)
+        att = attention(q, k, v, mask, backend=self.attention_backend).transpose(1, 2).reshape(B, T, D)
         h = h + torch.tanh(self.attn_gate) * self.o(att)
         # Flamingo gates the dense layer too; queries without images still pass through the FFW,
         # which is why the zero initial gate (not the mask) is what keeps the decoder unchanged.

@@ -16,14 +16,14 @@ from torch import Tensor
 
 from minivlm.fusion.base import FusedInputs, image_index
 from minivlm.fusion.splice import SpliceFusion, splice
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.registry import FUSIONS
 
 
 @FUSIONS.register("prefix")
 class PrefixFusion(SpliceFusion):
-    """Splice + ``span_ids`` so each image's tokens see each other (see the mask family in layers.attention)."""
+    """Splice + ``span_ids`` so each image's tokens see each other (see the mask family in kernels.mask)."""
 
     def forward(self, text_embeds: Tensor, image_embeds: Tensor | None, input_ids: Tensor, mask: AttentionMask,
                 cache: StaticKVCache | None = None) -> FusedInputs:

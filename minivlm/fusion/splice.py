@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from minivlm.config import VLMConfig
 from minivlm.fusion.base import FusedInputs, placeholder_mask
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.registry import FUSIONS
 

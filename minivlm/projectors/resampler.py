@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from minivlm.config import VLMConfig
-from minivlm.layers.attention import AttentionMask, attention
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import MLP
 from minivlm.registry import PROJECTORS
 
@@ -31,6 +32,7 @@ class ResamplerLayer(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, 4 * dim, bias=False)
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, latents: Tensor, features: Tensor) -> Tensor:
         N, L, D = latents.shape
@@ -39,7 +41,7 @@ class ResamplerLayer(nn.Module):
         kv_in = torch.cat([self.norm_features(features), lat], dim=1)
         q = self.q(lat).view(N, L, h, dh).transpose(1, 2)
         k, v = self.kv(kv_in).view(N, kv_in.shape[1], 2, h, dh).permute(2, 0, 3, 1, 4)
-        att = attention(q, k, v, _FULL).transpose(1, 2).reshape(N, L, D)
+        att = attention(q, k, v, _FULL, backend=self.attention_backend).transpose(1, 2).reshape(N, L, D)
         latents = latents + self.out(att)
         return latents + self.mlp(self.norm_mlp(latents))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minivlm.data.collate import IGNORE_INDEX, merge_shared_prefix, pad_collate
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.train.data import RenderedGroup, TrainCollator
 from tests.train import trainkit
 

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import minivlm.kernels  # noqa: F401  (registers flex / triton)
 from minivlm.config import preset
-from minivlm.layers.attention import BACKENDS
+from minivlm.kernels.dispatch import BACKENDS
 from minivlm.model import VisionLanguageModel
 
 needs_cuda = pytest.mark.skipif(
