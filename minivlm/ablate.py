@@ -267,7 +267,9 @@ class AblationGrid:
         # slower variants fewer steps, and its cut-off would move with the machine's load.
         cfg.train.max_minutes = None
         cfg.name = f"{self.name}/{variant.name}"
-        return cfg.validate()
+        from minivlm.registry import validate_config
+
+        return validate_config(cfg)
 
 
 def _optional_positive_int(value: Any, key: str, source: str) -> int | None:
@@ -628,13 +630,14 @@ def variant_shape(cfg: VLMConfig, text_tokens: int = 64) -> VariantShape:
     ``FlopCounterMode`` rejects.
     """
     from minivlm.model import VisionLanguageModel
+    from minivlm.registry import image_seq_len, image_tokens
     from minivlm.summary import count_flops
 
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
     model.requires_grad_(False)
     return VariantShape(model.num_parameters(), sum(count_flops(model, text_tokens).values()),
-                        cfg.image_tokens, cfg.image_seq_len)
+                        image_tokens(cfg), image_seq_len(cfg))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from minivlm.kernels.dispatch import BACKENDS, attention
 from minivlm.kernels.mask import AttentionMask
 from minivlm.kernels.reference import math_attention
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import image_seq_len
 from minivlm.text.tokenizer import Tokenizer
 from minivlm.train.recipe import attach_tokenizer, build_processor
 from minivlm.vision import NORMALIZATIONS
@@ -113,7 +114,7 @@ def test_recorded_attention_matches_the_reference_and_names_its_caller(tokenizer
     model = random_model(tokenizer)
     model.eval()
     ids = torch.full((1, 24), 10)
-    ids[0, 2:2 + model.config.image_seq_len] = model.config.image_token_id
+    ids[0, 2:2 + image_seq_len(model.config)] = model.config.image_token_id
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(ids, pixel_values=pixels).logits

@@ -7,6 +7,7 @@ import torch
 
 from minivlm import VisionLanguageModel, preset
 from minivlm.model import CheckpointMismatchError
+from minivlm.registry import image_seq_len
 from minivlm.summary import summarize
 
 PROJECTORS = ["linear", "mlp", "pixel_shuffle", "resampler"]
@@ -16,7 +17,7 @@ FUSIONS = ["splice", "cross_attention", "prefix"]
 def make_batch(cfg, images_per_row, T=None, seed=0):
     """Token rows with `images_per_row[b]` placeholder runs each, plus matching pixels."""
     g = torch.Generator().manual_seed(seed)
-    n = cfg.image_seq_len
+    n = image_seq_len(cfg)
     T = T or max(images_per_row) * (n + 2) + 12
     ids = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (len(images_per_row), T), generator=g)
     for b, k in enumerate(images_per_row):
@@ -103,7 +104,7 @@ def test_prefix_fusion_makes_image_tokens_see_each_other():
     """Change only the LAST projected token of an image: under the prefix-LM mask the FIRST image
     token's decoder state changes; under plain splice (causal) it cannot."""
     ids, _ = make_batch(preset("tiny"), [1])
-    n = preset("tiny").image_seq_len
+    n = image_seq_len(preset("tiny"))
     tokens = torch.randn(1, n, preset("tiny").decoder.width)
     moved = tokens.clone()
     moved[0, -1] += 1.0
@@ -171,7 +172,7 @@ def test_temporal_patches_take_frame_stacks_and_round_trip(tmp_path):
     ids, stacks = make_batch(cfg, [2])
     assert stacks.shape == (2, 6, 64, 64)  # two RGB frames per view
     with torch.no_grad():
-        assert model.encode_images(stacks).shape == (2, cfg.image_seq_len, cfg.decoder.width)
+        assert model.encode_images(stacks).shape == (2, image_seq_len(cfg), cfg.decoder.width)
         logits = model(ids, pixel_values=stacks).logits
     model.save_pretrained(tmp_path)
     loaded = VisionLanguageModel.from_pretrained(tmp_path).eval()
@@ -300,5 +301,5 @@ def test_attention_backend_reaches_every_attention_call(monkeypatch, projector, 
 
 
 def test_an_unknown_attention_backend_is_refused_when_the_model_is_built():
-    with pytest.raises(ValueError, match=r"unknown attention backend 'fast'.*'auto', 'flex'"):
+    with pytest.raises(ValueError, match=r"attention_backend: unknown attention backend 'fast'.*'auto', 'flex'"):
         VisionLanguageModel(preset("tiny").override("attention_backend=fast"))

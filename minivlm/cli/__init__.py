@@ -41,18 +41,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from minivlm.model import VisionLanguageModel
+    from minivlm.registry import image_seq_len
     from minivlm.summary import summarize
 
     torch.manual_seed(args.seed)
     cfg = preset("tiny").override(*args.overrides)
     model = VisionLanguageModel(cfg)
     print(f"minivlm demo: preset {cfg.name}\n{summarize(model).table()}")
-    B, T = 4, cfg.image_seq_len + 32
+    n_image = image_seq_len(cfg)
+    B, T = 4, n_image + 32
     ids = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (B, T))
-    ids[:, 1:1 + cfg.image_seq_len] = cfg.image_token_id
+    ids[:, 1:1 + n_image] = cfg.image_token_id
     pixels = torch.randn(B, cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size)
     labels = ids.clone()
-    labels[:, : 1 + cfg.image_seq_len] = -100
+    labels[:, : 1 + n_image] = -100
     t0 = time.perf_counter()
     out = model(ids, pixel_values=pixels, labels=labels)
     out.loss.backward()
@@ -65,6 +67,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from minivlm.registry import validate_config
     from minivlm.train.recipe import run
 
     cfg = preset(args.preset).override(*args.overrides)
@@ -74,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.train.steps = args.steps
     if args.seed is not None:
         cfg.train.seed = args.seed
-    cfg.validate()
+    validate_config(cfg)
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or cfg.name)
     out = run(cfg, run_dir, resume=args.resume, max_minutes=args.max_minutes, eval_limit=args.eval_limit,
               progress=not args.no_progress)

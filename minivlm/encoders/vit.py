@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivlm.config import EncoderConfig, VLMConfig
+from minivlm.config import EncoderConfig, VLMConfig, require
 from minivlm.kernels.dispatch import attention
 from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import MLP
-from minivlm.registry import ENCODERS
 
 _BIDIRECTIONAL = AttentionMask.bidirectional()
 
@@ -178,7 +177,6 @@ def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], n_prefix: int, old_
     return torch.cat([prefix, g], dim=1)
 
 
-@ENCODERS.register("vit")
 class VisionTransformer(nn.Module):
     """ViT / CLIP / SigLIP image encoder.
 
@@ -209,6 +207,38 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
         self.pool_head = AttentionPoolHead(cfg) if cfg.pooling == "map" else None
         self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else None
+
+    # ---- the part contract (minivlm.registry) ----------------------------------------------
+    @classmethod
+    def check_config(cls, config: VLMConfig) -> None:
+        """Raise :class:`~minivlm.config.ConfigError` naming the first invalid ``encoder.*`` field."""
+        e = config.encoder
+        require(e.image_size % e.patch_size == 0, "encoder.image_size",
+                f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size}")
+        require(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
+        require(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
+                f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
+        require(e.activation in ("gelu", "gelu_tanh", "quick_gelu"), "encoder.activation",
+                f"expected gelu | gelu_tanh | quick_gelu, got {e.activation!r}")
+        require(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
+        require(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
+                f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
+        require(e.temporal_input in ("frames", "differences"), "encoder.temporal_input",
+                f"expected frames | differences, got {e.temporal_input!r}")
+        require(e.pos_embed in ("learned", "sincos2d"), "encoder.pos_embed",
+                f"expected learned | sincos2d, got {e.pos_embed!r}")
+        require(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
+                f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
+        require(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
+                f"expected none | cls | mean | map, got {e.pooling!r}")
+        require(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")
+        require(e.normalization in ("clip", "siglip", "imagenet"), "encoder.normalization",
+                f"expected clip | siglip | imagenet, got {e.normalization!r}")
+
+    @classmethod
+    def feature_tokens(cls, config: VLMConfig) -> int:
+        """Patch tokens per image handed to the projector (the class token is not one of them)."""
+        return config.encoder.n_patches
 
     def _sincos(self, grid: tuple[int, int]) -> Tensor:
         """``[1, n_prefix + h*w, D]`` fixed embeddings; the class-token slot gets zeros."""

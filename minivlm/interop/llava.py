@@ -43,6 +43,7 @@ from minivlm.config import EncoderConfig, FusionConfig, ProjectorConfig, VLMConf
 from minivlm.interop import MappedState, StateMapper, load_mapped, raise_if_unsupported
 from minivlm.interop.hf_llama import decoder_config_from_hf, load_hf_state, map_hf_llama_into, read_hf_config
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import validate_config
 
 #: transformers ``CLIPVisionConfig`` defaults for fields a config.json may leave out.
 CLIP_VISION_DEFAULTS: dict[str, Any] = {
@@ -162,7 +163,7 @@ def vlm_config_from_llava(config: Mapping[str, Any]) -> VLMConfig:
     tie = bool(config.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
     decoder = decoder_config_from_hf(text, tie_embeddings=tie)
     image_token_id = config.get("image_token_index", config.get("image_token_id", 32000))
-    return VLMConfig(
+    return validate_config(VLMConfig(
         name="llava-import",
         encoder=encoder_config_from_hf_clip(vision, feature_layer),
         projector=ProjectorConfig(kind="mlp", depth=2, hidden_dim=decoder.width,
@@ -170,7 +171,7 @@ def vlm_config_from_llava(config: Mapping[str, Any]) -> VLMConfig:
         fusion=FusionConfig(kind="splice"),
         decoder=decoder,
         image_token_id=image_token_id,
-    ).validate()
+    ))
 
 
 def _is_position_ids(t: Tensor) -> bool:
