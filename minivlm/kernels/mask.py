@@ -134,6 +134,9 @@ class AttentionMask:
             seen = self.images_seen.to(device)[:, :, None]  # [B, T, 1]
             kid = self.key_image_ids.to(device)[:, None, :]  # [B, 1, S]
             return ((kid >= 0) & (kid < seen))[:, None]
+        if (self.causal and T == 1 and self.q_offset == S - 1 and self.key_valid is not None
+                and self.document_ids is None and self.span_ids is None and self.branch_ids is None):
+            return self._decode_step_dense(S)
         ref = next((t for t in (self.key_valid, self.document_ids, self.span_ids, self.branch_ids) if t is not None),
                    None)
         if device is None and ref is not None:
@@ -141,7 +144,9 @@ class AttentionMask:
         qpos = torch.arange(self.q_offset, self.q_offset + T, device=device)
         kpos = torch.arange(S, device=device)
         allowed = torch.ones(1, T, S, dtype=torch.bool, device=device)
-        if self.causal:
+        # A decode step against a static cache sits at or past the last key: causality admits
+        # every key there and only key_valid masks (built from key_valid alone, below).
+        if self.causal and self.q_offset < S - 1:
             causal = kpos[None, :] <= qpos[:, None]
             if self.span_ids is not None:
                 sq = self.span_ids[:, self.q_offset : self.q_offset + T]
@@ -162,6 +167,15 @@ class AttentionMask:
             diag = kpos[None, :] == qpos[:, None]
             allowed = allowed | (diag[None] & ~allowed.any(-1, keepdim=True))
         return allowed[:, None]
+
+    def _decode_step_dense(self, S: int) -> Tensor:
+        """:meth:`dense` of one query at the last key position (a decode step against a static
+        cache): the valid keys, or the query's own position when none is valid. Same values as the
+        general path, in a handful of ops (it runs once per generated token)."""
+        valid = self.key_valid[:, None, :].bool()  # [B, 1, S]
+        own = torch.zeros_like(valid[:1])
+        own[..., -1] = True
+        return (valid | (own & ~valid.any(-1, keepdim=True)))[:, None]
 
     def query_has_keys(self, T: int, S: int, device=None) -> Tensor:
         """``[B, 1, T, 1]`` bool: False for cross-attention queries that precede every image."""

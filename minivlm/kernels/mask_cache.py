@@ -65,7 +65,7 @@ class PerMaskCache:
     def get(self, mask: AttentionMask, extra_key: Hashable, build: Callable[[], _Value]) -> _Value:
         """Return the cached value for ``(mask, extra_key)``, calling ``build()`` on a miss."""
         versions = tuple(
-            _tensor_version(t)
+            None if t is None or t.is_inference() else t._version  # as _tensor_version, inlined: it runs per layer
             for t in (mask.key_valid, mask.document_ids, mask.span_ids, mask.branch_ids, mask.images_seen,
                       mask.key_image_ids)
         )
