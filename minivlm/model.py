@@ -27,12 +27,14 @@ from minivlm.layers.init import init_linear_
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.fusion.base import check_placeholders
 from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS, image_seq_len, validate_config
+from minivlm.retrieval_head import RetrievalConfig, RetrievalHead, load_head_files, save_head_files
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PARTS = ("encoder", "projector", "fusion", "decoder")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+_HEAD_PREFIX = "retrieval_head."
 
 
 @dataclass
@@ -74,6 +76,9 @@ class VisionLanguageModel(nn.Module):
         self.fusion = FUSIONS.get(config.fusion.kind)(config)
         self.decoder = DECODERS.get(config.decoder.kind)(config)
         self.processor: Any = None  # a minivlm.text.Processor travels with the model when attached
+        # Optional contrastive head (minivlm.retrieval): declared here, so saving, loading, .to()
+        # and optimisers see it as part of the model once added (add_retrieval_head).
+        self.register_module("retrieval_head", None)
         self.set_attention_backend(config.attention_backend)
         # Parts keep their own special cases (embeddings, conv stem, zero gates); every linear
         # layer starts LeCun-normal, which leaves the language-prior plateau much sooner.
@@ -98,6 +103,14 @@ class VisionLanguageModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "attention_backend"):
                 module.attention_backend = backend
+
+    def add_retrieval_head(self, config: RetrievalConfig | None = None) -> RetrievalHead:
+        """A new :class:`~minivlm.retrieval_head.RetrievalHead` on the model's device and dtype, from the
+        encoder's pooled embedding width and the decoder's width; replaces any previous head."""
+        weight = self.decoder.embed.weight
+        head = RetrievalHead(self.encoder.embed_dim, self.config.decoder.width, config)
+        self.retrieval_head = head.to(device=weight.device, dtype=weight.dtype)
+        return self.retrieval_head
 
     @property
     def device(self) -> torch.device:
@@ -316,21 +329,20 @@ class VisionLanguageModel(nn.Module):
         tied = self._tied_keys()
         source = state_dict if state_dict is not None else self.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()
-                 if k not in tied and not k.startswith("retrieval_head.")}
+                 if k not in tied and not k.startswith(_HEAD_PREFIX)}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
         if self.processor is not None:
             self.processor.save_pretrained(out)
-        if getattr(self, "retrieval_head", None) is not None:
-            from minivlm.retrieval import save_retrieval_head
-
-            prefix = "retrieval_head."
-            save_retrieval_head(self, out, {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)})
+        head = getattr(self, "retrieval_head", None)
+        if head is not None:  # its own files: model.safetensors is the same with or without one
+            save_head_files(head, out, {k[len(_HEAD_PREFIX):]: v for k, v in source.items()
+                                        if k.startswith(_HEAD_PREFIX)})
         return out
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
                         load_processor: bool = True) -> "VisionLanguageModel":
-        from minivlm.interop.safetensors_io import load_safetensors
+        from minivlm.safetensors_io import load_safetensors
 
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
@@ -339,9 +351,7 @@ class VisionLanguageModel(nn.Module):
         model = cls(config)
         state = load_safetensors(d / WEIGHTS_NAME, device=str(map_location))
         model.load_checkpoint_state(state)
-        from minivlm.retrieval import load_retrieval_head
-
-        load_retrieval_head(model, d)
+        model.retrieval_head = load_head_files(d, model.encoder.embed_dim, config.decoder.width, map_location)
         if load_processor and (d / "processor_config.json").is_file():
             from minivlm.text.processor import Processor
 
@@ -350,7 +360,7 @@ class VisionLanguageModel(nn.Module):
 
     def load_checkpoint_state(self, state: dict[str, Tensor]) -> None:
         """Load weights, failing with every missing, unexpected and shape-mismatched key listed."""
-        own = self.state_dict()
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(_HEAD_PREFIX)}  # saved apart
         tied = self._tied_keys()
         missing = sorted(k for k in own if k not in state and k not in tied)
         unexpected = sorted(k for k in state if k not in own)

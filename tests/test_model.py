@@ -194,7 +194,7 @@ def test_tied_head_stays_tied_after_loading(tmp_path):
 def test_mismatched_checkpoint_lists_every_bad_key(tmp_path):
     VisionLanguageModel(preset("tiny")).save_pretrained(tmp_path)
     other = VisionLanguageModel(preset("tiny").override("decoder.n_layers=5", "projector=mlp", "projector.depth=1"))
-    from minivlm.interop.safetensors_io import load_safetensors
+    from minivlm.safetensors_io import load_safetensors
 
     with pytest.raises(CheckpointMismatchError) as err:
         other.load_checkpoint_state(load_safetensors(tmp_path / "model.safetensors"))

@@ -18,7 +18,7 @@ initialises single parts from one (``encoder.init_from=DIR``); :mod:`~minivlm.in
 writes a decoder back out as a Hugging Face Llama directory; :mod:`~minivlm.interop.vocab`
 grows the vocabulary for added special tokens.
 
-Files are only read through :mod:`~minivlm.interop.safetensors_io`: safetensors, or
+Files are only read through :mod:`~minivlm.safetensors_io`: safetensors, or
 ``torch.load(weights_only=True)`` for ``.bin``/``.pt``; nothing else is unpickled.
 """
 

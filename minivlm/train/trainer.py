@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from minivlm.config import ConfigError, TrainConfig
-from minivlm.interop.safetensors_io import load_safetensors
+from minivlm.safetensors_io import load_safetensors
 from minivlm.model import VisionLanguageModel
 from minivlm.text.processor import Processor
 from minivlm.train import checkpoint as ckpt
