@@ -11,7 +11,8 @@ tokens carry weights (:mod:`minivlm.train.loss_weighting`) and ``N_global`` is t
 Exact resume: a checkpoint holds the weights, the optimizer and gradient-scaler states, the
 schedule position, every global RNG and the data position (the step: see :mod:`minivlm.train.data`).
 A run stopped at step ``k`` and resumed computes, on the CPU in fp32, bit for bit the losses
-and weights of the run that never stopped.
+and weights of the run that never stopped, at a fixed ``train.cpu_threads`` (parallel reductions
+round differently under another thread count, and the measured choice depends on the machine).
 """
 
 from __future__ import annotations
