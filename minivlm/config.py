@@ -55,6 +55,9 @@ class EncoderConfig:
     patch_bias: bool = True
     stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
     pos_embed: str = "learned"  # learned | sincos2d (fixed 2-D sin-cos; Beyer et al. 2022)
+    # Which learned row each patch reads: grid (row-major) | idefics3 (transformers' bucketised
+    # fractional coordinates, which repeat some rows for grids such as SmolVLM's 27x27)
+    pos_index: str = "grid"
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
@@ -264,6 +267,9 @@ class VLMConfig:
              f"expected learned | sincos2d, got {e.pos_embed!r}")
         need(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
              f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
+        need(e.pos_index in ("grid", "idefics3"), "encoder.pos_index", f"expected grid | idefics3, got {e.pos_index!r}")
+        need(e.pos_index == "grid" or (e.pos_embed == "learned" and not e.class_token), "encoder.pos_index",
+             "idefics3 indexes a learned table of patch positions: needs pos_embed=learned and no class token")
         need(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
              f"expected none | cls | mean | map, got {e.pooling!r}")
         need(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")

@@ -159,13 +159,15 @@ class Tokenizer(TextTokenizer):
         return cls(model.getvalue())
 
     @classmethod
-    def from_bytes(cls, model_proto: bytes, *, max_tiles: int = 0) -> "Tokenizer":
+    def from_bytes(cls, model_proto: bytes, *, max_tiles: int = 0, placed: dict[int, str] | None = None) -> "Tokenizer":
         """Load a serialised sentencepiece model, adding missing special tokens at the end.
 
         Base ids never move: ``<pad>`` (unless the model defines a pad piece), ``<image>``,
         ``<video>``, ``<|im_start|>``, ``<|im_end|>`` and, with ``max_tiles``, the tile markers
         get ids ``>= `` the base vocabulary size. Loading a model saved by :meth:`save` adds
-        nothing.
+        nothing. ``placed`` (id -> token, e.g. a Hugging Face ``added_tokens_decoder`` with
+        ``<image>`` = 32000) puts those tokens at exactly those ids first; they must follow the
+        base vocabulary without gaps.
         """
         if not isinstance(model_proto, (bytes, bytearray)):
             raise TypeError(f"expected the bytes of a sentencepiece model; got {type(model_proto).__name__}")
@@ -176,9 +178,17 @@ class Tokenizer(TextTokenizer):
         except RuntimeError as err:
             raise ValueError(f"not a sentencepiece model ({len(model_proto)} bytes): {err}") from err
         existing = {base.id_to_piece(i): i for i in range(base.get_piece_size())}
-        wanted = list(CHAT_SPECIAL_TOKENS) + tile_tokens(max_tiles)
-        if base.pad_id() < 0:
-            wanted.insert(0, PAD_TOKEN)
+        first = [token for token_id, token in sorted((placed or {}).items()) if token_id >= base.get_piece_size()]
+        ids = sorted(i for i in (placed or {}) if i >= base.get_piece_size())
+        if ids != list(range(base.get_piece_size(), base.get_piece_size() + len(ids))):
+            raise ValueError(f"added tokens must follow the base vocabulary of {base.get_piece_size()} without gaps; "
+                             f"got ids {ids}")
+        for token_id, token in (placed or {}).items():
+            if token_id < base.get_piece_size() and base.id_to_piece(token_id) != token:
+                raise ValueError(f"id {token_id} is {base.id_to_piece(token_id)!r} in the model, not {token!r}")
+        wanted = first + [t for t in list(CHAT_SPECIAL_TOKENS) + tile_tokens(max_tiles) if t not in first]
+        if base.pad_id() < 0 and PAD_TOKEN not in first:
+            wanted.insert(len(first), PAD_TOKEN)
         to_add = []
         for token in wanted:
             if token not in existing:
