@@ -131,15 +131,18 @@ def encode_chunks(chunks: Sequence[Sequence[Segment]], tokenizer: Any) -> list[t
                         for _ in range(s.repeat)]
     ids, offsets = tokenizer.encode_with_offsets(text)
     added = tokenizer.added_ids
-    if [i for i in ids if i in added] != expected_special:
+    # An added token matched in the text spans its own spelling (byte-fallback pieces such as
+    # <0x0A> may be added tokens too, but span the byte they stand for).
+    matched = [i in added and tokenizer.id_to_token(i) in text[b:e] for i, (b, e) in zip(ids, offsets)]
+    if [i for i, m in zip(ids, matched) if m] != expected_special:
         return _encode_runs_literally(chunks, tokenizer)
     special_owner = [k for k, (_, s) in enumerate(flat) if isinstance(s, SpecialSegment) for _ in range(s.repeat)]
     supervised_spans = [(starts[k], starts[k] + len(s.text)) for k, (_, s) in enumerate(flat)
                         if isinstance(s, TextSegment) and s.supervised]
     out: list[tuple[list[int], list[int]]] = [([], []) for _ in chunks]
     n_special = 0
-    for token_id, (begin, end) in zip(ids, offsets):
-        if token_id in added:
+    for token_id, (begin, end), is_special in zip(ids, offsets, matched):
+        if is_special:
             owner = special_owner[n_special]
             n_special += 1
             supervised = flat[owner][1].supervised
