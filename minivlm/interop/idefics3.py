@@ -135,7 +135,9 @@ def idefics3_config_from_minivlm(config: VLMConfig, base: Mapping[str, Any] | No
               "image_size": e.image_size, "patch_size": e.patch_size, "layer_norm_eps": e.norm_eps,
               "hidden_act": {v: k for k, v in ACTIVATIONS.items() if k != "gelu_new"}[e.activation]}
     out = dict(base or {})
-    out.update({"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3",
+    model_type = out.get("model_type") if out.get("model_type") in MODEL_TYPES else "idefics3"
+    architecture = "SmolVLMForConditionalGeneration" if model_type == "smolvlm" else "Idefics3ForConditionalGeneration"
+    out.update({"architectures": [architecture], "model_type": model_type,
                 "vision_config": {**(out.get("vision_config") or {}), **vision},
                 "text_config": {**(out.get("text_config") or {}), **text},
                 "scale_factor": config.projector.shuffle_factor, "image_token_id": config.image_token_id,
