@@ -141,8 +141,11 @@ def nanovlm_processor(config: Mapping[str, Any], model_config: VLMConfig, tokeni
 
 
 def nanovlm_state_from_minivlm(state: Mapping[str, Tensor], config: VLMConfig) -> dict[str, Tensor]:
-    """The inverse of :func:`map_nanovlm_state` (a tied head written under both names, as nanoVLM holds it)."""
+    """The inverse of :func:`map_nanovlm_state` (a tied head written under both names, as nanoVLM holds it,
+    and the persistent RoPE buffer nanoVLM's ``load_model`` expects)."""
     out = {theirs: state[ours] for theirs, ours in nanovlm_pairs(config)}
     if config.decoder.tie_embeddings:
         out["decoder.head.weight"] = out["decoder.token_embedding.weight"]
+    d = config.decoder.resolved_head_dim
+    out["decoder.rotary_embd.inv_freq"] = 1.0 / (config.decoder.rope_theta ** (torch.arange(0, d, 2).float() / d))
     return out
