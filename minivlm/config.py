@@ -58,6 +58,7 @@ class EncoderConfig:
     # Which learned row each patch reads: grid (row-major) | idefics3 (transformers' bucketised
     # fractional coordinates, which repeat some rows for grids such as SmolVLM's 27x27)
     pos_index: str = "grid"
+    drop_remainder: bool = False  # image_size need not be a multiple of patch_size: the last pixels are unread (SigLIP 384/14)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
@@ -251,8 +252,9 @@ class VLMConfig:
                 v = getattr(cfg, fld.name)
                 if isinstance(v, int) and not isinstance(v, bool) and fld.name != "feature_layer":
                     need(v > 0, f"{part}.{fld.name}", f"must be positive, got {v}")
-        need(e.image_size % e.patch_size == 0, "encoder.image_size",
-             f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size}")
+        need(e.image_size % e.patch_size == 0 or (e.drop_remainder and e.stem == "patch"), "encoder.image_size",
+             f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size} (encoder.drop_remainder=true "
+             f"lets the patch conv leave the last pixels unread)")
         need(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
         need(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
              f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")

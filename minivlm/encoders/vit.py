@@ -248,7 +248,7 @@ class VisionTransformer(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != c.pixel_channels:
             stacked = f" ({c.temporal_patch_size} frames of {c.in_channels})" if c.temporal_patch_size > 1 else ""
             raise ValueError(f"pixel values must be [N, {c.pixel_channels}{stacked}, H, W]; got {tuple(pixels.shape)}")
-        if pixels.shape[2] % p or pixels.shape[3] % p:
+        if (pixels.shape[2] % p or pixels.shape[3] % p) and not c.drop_remainder:
             raise ValueError(f"image height and width must be multiples of the patch size {p}; got {tuple(pixels.shape[2:])}")
 
     def embed(self, pixels: Tensor) -> Tensor:

@@ -52,9 +52,6 @@ def vlm_config_from_idefics3(config: Mapping[str, Any]) -> VLMConfig:
     text = dict(config.get("text_config") or {"model_type": "llama"})
     if vision["hidden_act"] not in ACTIVATIONS:
         problems.append(f"vision hidden_act {vision['hidden_act']!r}; supported: {sorted(ACTIVATIONS)}")
-    if vision["image_size"] % vision["patch_size"]:
-        problems.append(f"vision image_size {vision['image_size']} is not a multiple of patch_size "
-                        f"{vision['patch_size']} (the strided patch conv would drop the remainder)")
     raise_if_unsupported("Hugging Face Idefics3 config", problems)
     tie = bool(config.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
     decoder = decoder_config_from_hf(text, tie_embeddings=tie)
@@ -65,7 +62,9 @@ def vlm_config_from_idefics3(config: Mapping[str, Any]) -> VLMConfig:
             width=vision["hidden_size"], depth=vision["num_hidden_layers"], n_heads=vision["num_attention_heads"],
             mlp_dim=vision["intermediate_size"], class_token=False, pre_norm=False, final_norm=True,
             feature_norm=True, activation=ACTIVATIONS[vision["hidden_act"]], pooling="none", patch_bias=True,
-            qkv_bias=True, norm_eps=vision["layer_norm_eps"], normalization="siglip", pos_index="idefics3"),
+            qkv_bias=True, norm_eps=vision["layer_norm_eps"], normalization="siglip", pos_index="idefics3",
+            # SmolVLM's 384 px tiles with 14 px patches: the "valid" conv reads 27 x 14 = 378 px.
+            drop_remainder=vision["image_size"] % vision["patch_size"] != 0),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=config.get("scale_factor", 2), depth=1,
                                   bias=False),
         fusion=FusionConfig(kind="splice"),

@@ -3,7 +3,8 @@ generation equal transformers' ``Idefics3Processor`` + ``Idefics3ForConditionalG
 
 Two configurations differ in tile size, patch grid, pixel-shuffle factor and head tying; the
 second has a 25x25 patch grid, where transformers' bucketised patch positions differ from the
-row-major grid (``encoder.pos_index=idefics3``).
+row-major grid (``encoder.pos_index=idefics3``), and a tile that is not a multiple of the patch
+(``encoder.drop_remainder``), as SmolVLM-Instruct's 384 px tiles with 14 px patches.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from minivlm.vision.idefics3 import Idefics3ImageProcessor  # noqa: E402
 
 CONFIGS = {
     "tile32-shuffle2": dict(image_size=32, patch_size=8, scale_factor=2, longest_edge=96, seed=1),
-    "tile50-grid25-shuffle5": dict(image_size=50, patch_size=2, scale_factor=5, longest_edge=100,
+    # As SmolVLM-Instruct's 384 px / 14 px patches, the tile is not a multiple of the patch (76 = 25 x 3 + 1).
+    "tile76-grid25-shuffle5": dict(image_size=76, patch_size=3, scale_factor=5, longest_edge=152,
                                    tie_embeddings=True, width=24, seed=2),
 }
 
