@@ -358,8 +358,11 @@ class Processor:
                 )
                 frames = [self.image_processor.frame(frame) for frame in clip.frames]
                 groups = [(clip.timestamps[first], views) for first, views in self.frame_groups(frames)]
-                # The clip's length is not known beyond its last sampled frame (transformers' fallback too).
-                expanded += self.template.video_layout(groups, clip.timestamps[-1], self.image_seq_len)
+                # A frame list at a known rate lasts len / fps (transformers' VideoMetadata.duration);
+                # otherwise only the last sampled frame's time is known (transformers' fallback too).
+                source, fps = segment.part.video, segment.part.fps
+                duration = len(source) / fps if isinstance(source, (list, tuple)) and fps else clip.timestamps[-1]
+                expanded += self.template.video_layout(groups, duration, self.image_seq_len)
         return expanded
 
     def _blocks(
