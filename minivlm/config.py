@@ -55,9 +55,7 @@ class EncoderConfig:
     patch_bias: bool = True
     stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
     pos_embed: str = "learned"  # learned | sincos2d (fixed 2-D sin-cos; Beyer et al. 2022)
-    # Which learned row each patch reads: grid (row-major) | idefics3 (transformers' bucketised
-    # fractional coordinates, which repeat some rows for grids such as SmolVLM's 27x27)
-    pos_index: str = "grid"
+    pos_index: str = "grid"  # row a patch reads: grid (row-major) | idefics3 (transformers' bucketised coordinates)
     drop_remainder: bool = False  # image_size need not be a multiple of patch_size: the last pixels are unread (SigLIP 384/14)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
