@@ -186,26 +186,32 @@ def _import_hf_llama(src: Path, out: Path) -> Path:
     return written
 
 
-def write_complete(out: Path, config: VLMConfig, mapped: MappedState, processor: Any, source: dict[str, Any]) -> Path:
-    """A whole model with its processor (tokenizer, image processor, template) and the import record.
-
-    Everything is written into a temporary directory beside ``out`` first and moved in file by file
-    (each an atomic rename), so a failure leaves no half-written checkpoint behind.
-    """
+def write_staged(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(directory)`` into a temporary directory beside ``out``, then move each file into
+    ``out`` (each an atomic rename): a failure leaves no half-written checkpoint behind."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_model(staging, config, mapped, source.get("path", "import"))
-        if processor is not None:
-            processor.save_pretrained(staging)
-        (staging / SOURCE_NAME).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+        write(staging)
         out.mkdir(exist_ok=True)
         for item in staging.iterdir():
             os.replace(item, out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def write_complete(out: Path, config: VLMConfig, mapped: MappedState, processor: Any, source: dict[str, Any]) -> Path:
+    """A whole model with its processor (tokenizer, image processor, template) and the import record."""
+
+    def write(directory: Path) -> None:
+        write_model(directory, config, mapped, source.get("path", "import"))
+        if processor is not None:
+            processor.save_pretrained(directory)
+        (directory / SOURCE_NAME).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+
+    return write_staged(out, write)
 
 
 def _import_llava(src: Path, out: Path) -> Path:

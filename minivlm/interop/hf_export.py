@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from minivlm.interop import raise_if_unsupported
-from minivlm.interop.convert import SOURCE_NAME
+from minivlm.interop.convert import SOURCE_NAME, write_staged
 from minivlm.model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -48,20 +45,6 @@ def _common_problems(model: VisionLanguageModel) -> list[str]:
     if model.processor is None:
         problems.append("the checkpoint has no processor (tokenizer, image processing, template)")
     return problems
-
-
-def _staged(out: str | Path, write: Callable[[Path], None]) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(staging)
-        out.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def _json(path: Path, data: dict[str, Any]) -> None:
@@ -120,7 +103,7 @@ def export_smolvlm(model_dir: str | Path, out: str | Path) -> Path:
                                                     "processor_class": "Idefics3Processor"})
         (directory / "chat_template.jinja").write_text(processor.template.jinja)
 
-    written = _staged(out, write)
+    written = write_staged(out, write)
     log.info("exported %s as an Idefics3 checkpoint to %s", model_dir, written)
     return written
 
@@ -162,7 +145,7 @@ def export_nanovlm(model_dir: str | Path, out: str | Path) -> Path:
                   metadata={"format": "pt"})
         _json(directory / "config.json", base)
 
-    return _staged(out, write)
+    return write_staged(out, write)
 
 
 EXPORTERS: dict[str, Callable[[str | Path, str | Path], Path]] = {"smolvlm": export_smolvlm, "nanovlm": export_nanovlm}

@@ -45,3 +45,41 @@ def rescale_and_normalize(images: torch.Tensor, mean: Sequence[float], std: Sequ
 def check_resample(name: str, value: str) -> None:
     if value not in RESAMPLE:
         raise ValueError(f"{name} must be one of {sorted(RESAMPLE)}; got {value!r}")
+
+
+def check_positive_ints(config: Any, *names: str) -> None:
+    """Each named field of a config dataclass is a positive int (``ValueError`` naming it otherwise)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int; got {value!r}")
+
+
+class ConfiguredImageProcessor:
+    """What every published-model image processor shares: a config dataclass (``config_class``,
+    with a ``kind``), saved as ``{"kind": ..., **fields}`` and restored from it."""
+
+    config_class: type
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"kind": self.config.kind, **asdict(self.config)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """``cls(config_class(**data))`` (a ``kind`` key dropped), naming unknown keys."""
+        from dataclasses import fields
+
+        data = {k: v for k, v in data.items() if k != "kind"}
+        known = {f.name for f in fields(cls.config_class)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.config_class.__name__} keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(cls.config_class(**data))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

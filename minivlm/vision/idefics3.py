@@ -16,7 +16,7 @@ Resampling is Lanczos (torchvision >= 0.27 on the CPU, as transformers uses it t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -76,21 +76,16 @@ class Idefics3ImageConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "longest_edge"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Idefics3ImageConfig.{name} must be a positive int; got {value!r}")
+        hf_ops.check_positive_ints(self, "image_size", "longest_edge")
         hf_ops.check_resample("Idefics3ImageConfig.resample", self.resample)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
 
-class Idefics3ImageProcessor:
+class Idefics3ImageProcessor(hf_ops.ConfiguredImageProcessor):
     """``image -> ProcessedImage`` (tiles row-major, then the global view)."""
 
     config_class = Idefics3ImageConfig
 
-    def __init__(self, config: Idefics3ImageConfig | None = None) -> None:
-        self.config = config or Idefics3ImageConfig()
 
     def __call__(self, image: Any) -> ProcessedImage:
         c = self.config
@@ -120,23 +115,3 @@ class Idefics3ImageProcessor:
                                c.resample)
         pixels = hf_ops.resize(pixels, c.image_size, c.image_size, c.resample)
         return hf_ops.rescale_and_normalize(pixels[None], c.image_mean, c.image_std)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.config.kind, **asdict(self.config)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Idefics3ImageProcessor":
-        return cls(build_config(cls.config_class, data))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
-
-
-def build_config(config_class: type, data: dict[str, Any]) -> Any:
-    """``config_class(**data)`` (a ``kind`` key dropped), naming unknown keys."""
-    data = {k: v for k, v in data.items() if k != "kind"}
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {config_class.__name__} keys {unknown}; expected a subset of {sorted(known)}")
-    return config_class(**data)

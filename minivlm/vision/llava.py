@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torchvision.transforms.v2 import functional as tvF
 
 from minivlm.vision import hf_ops
-from minivlm.vision.idefics3 import build_config
 from minivlm.vision.io import DEFAULT_MAX_PIXELS
 from minivlm.vision.transforms import CLIP_MEAN, CLIP_STD, ProcessedImage
 
@@ -34,21 +33,16 @@ class LlavaImageConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "shortest_edge"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LlavaImageConfig.{name} must be a positive int; got {value!r}")
+        hf_ops.check_positive_ints(self, "image_size", "shortest_edge")
         hf_ops.check_resample("LlavaImageConfig.resample", self.resample)
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
 
 
-class LlavaImageProcessor:
+class LlavaImageProcessor(hf_ops.ConfiguredImageProcessor):
     """``image -> ProcessedImage`` with one view."""
 
     config_class = LlavaImageConfig
 
-    def __init__(self, config: LlavaImageConfig | None = None) -> None:
-        self.config = config or LlavaImageConfig()
 
     def frame(self, image: Any) -> torch.Tensor:
         """``[1, 3, S, S]``: the one view of ``image``."""
@@ -65,16 +59,6 @@ class LlavaImageProcessor:
 
     def __call__(self, image: Any) -> ProcessedImage:
         return ProcessedImage(self.frame(image), 0, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.config.kind, **asdict(self.config)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LlavaImageProcessor":
-        return cls(build_config(cls.config_class, data))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"
 
 
 def pad_to_square(pixels: torch.Tensor, fill: tuple[int, ...]) -> torch.Tensor:

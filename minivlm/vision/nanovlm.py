@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as tvF1
 
-from minivlm.vision.idefics3 import build_config
+from minivlm.vision import hf_ops
 from minivlm.vision.io import DEFAULT_MAX_PIXELS, load_image
 from minivlm.vision.transforms import ProcessedImage
 
@@ -35,10 +35,7 @@ class NanoVLMImageConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "max_side"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"NanoVLMImageConfig.{name} must be a positive int; got {value!r}")
+        hf_ops.check_positive_ints(self, "image_size", "max_side")
 
 
 def dynamic_resize_size(height: int, width: int, tile: int, max_side: int, to_max_side: bool) -> tuple[int, int]:
@@ -49,13 +46,11 @@ def dynamic_resize_size(height: int, width: int, tile: int, max_side: int, to_ma
     return (target_short, target_long) if width >= height else (target_long, target_short)
 
 
-class NanoVLMImageProcessor:
+class NanoVLMImageProcessor(hf_ops.ConfiguredImageProcessor):
     """``image -> ProcessedImage`` (global view first)."""
 
     config_class = NanoVLMImageConfig
 
-    def __init__(self, config: NanoVLMImageConfig | None = None) -> None:
-        self.config = config or NanoVLMImageConfig()
 
     def __call__(self, image: Any) -> ProcessedImage:
         c = self.config
@@ -75,13 +70,3 @@ class NanoVLMImageProcessor:
         """``[1, 3, S, S]``: the global view of ``image`` (nanoVLM has no video format)."""
         processed = self(image)
         return processed.pixel_values[:1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.config.kind, **asdict(self.config)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NanoVLMImageProcessor":
-        return cls(build_config(cls.config_class, data))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config})"

@@ -5,7 +5,6 @@ transformers loads with the same logits."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
