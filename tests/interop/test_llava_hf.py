@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paritykit import IMAGE_SIZES, conversations, greedy, hf_content, image, images_of
+from paritykit import IMAGE_SIZES, assert_same_run, conversations, hf_content, image, images_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,15 +64,8 @@ def test_conversations_give_the_reference_inputs_logits_and_generation(pair, nam
     assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
     assert ours["attention_mask"].long().tolist() == theirs["attention_mask"].tolist()
     assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
-    with torch.no_grad():
-        reference_logits = reference(**theirs).logits
-        our_logits = model(ours["input_ids"], pixel_values=ours["pixel_values"]).logits
-    parity(f"llava {name} logits", our_logits, reference_logits)
-    # minivlm never generates an image placeholder; transformers is told the same.
-    expected = reference.generate(**theirs, max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                  suppress_tokens=[reference.config.image_token_index],
-                                  pad_token_id=ref_processor.tokenizer.pad_token_id)[0, theirs["input_ids"].shape[1]:]
-    assert greedy(model, ours) == expected.tolist()
+    assert_same_run(parity, f"llava {name} logits", reference, theirs, model, ours, reference.config.image_token_index,
+                    ref_processor.tokenizer.pad_token_id)
 
 
 def test_a_padded_batch_gives_the_reference_masks(pair):
