@@ -67,19 +67,25 @@ def _round_up(n: int, multiple: int = 8) -> int:
 
 def save_smolvlm(out: str | Path, *, image_size: int = 32, patch_size: int = 8, scale_factor: int = 2,
                  longest_edge: int | None = None, split_image: bool = True, width: int = 32, layers: int = 2,
-                 tie_embeddings: bool = False, seed: int = 0) -> Path:
-    """An Idefics3 / SmolVLM checkpoint directory (model + ``Idefics3Processor`` files)."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, \
-        Idefics3Processor, PreTrainedTokenizerFast
+                 tie_embeddings: bool = False, seed: int = 0, smolvlm2: bool = False) -> Path:
+    """An Idefics3 / SmolVLM checkpoint directory (model + ``Idefics3Processor`` files); with
+    ``smolvlm2`` the SmolVLM2 classes (``SmolVLMForConditionalGeneration`` + ``SmolVLMProcessor``
+    with its video processor; needs ``num2words``)."""
+    import transformers
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
-    added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + \
+    prefix = "SmolVLM" if smolvlm2 else "Idefics3"
+    config_class, model_class, image_class, processor_class = (
+        getattr(transformers, f"{prefix}{name}") for name in
+        ("Config", "ForConditionalGeneration", "ImageProcessor", "Processor"))
+    added = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"] + \
         [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    fast = PreTrainedTokenizerFast(tokenizer_object=bytelevel_tokenizer(added), bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bytelevel_tokenizer(added), bos_token="<|im_start|>",
+                                                eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                                unk_token="<|endoftext|>")
     image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
     torch.manual_seed(seed)
-    config = Idefics3Config(
+    config = config_class(
         vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                            num_attention_heads=2, image_size=image_size, patch_size=patch_size),
         text_config=dict(model_type="llama", hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
@@ -88,12 +94,15 @@ def save_smolvlm(out: str | Path, *, image_size: int = 32, patch_size: int = 8, 
                          pad_token_id=fast.pad_token_id),
         scale_factor=scale_factor, image_token_id=fast.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=tie_embeddings, pad_token_id=fast.pad_token_id)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    images = Idefics3ImageProcessor(max_image_size={"longest_edge": image_size},
-                                    size={"longest_edge": longest_edge or 4 * image_size},
-                                    do_image_splitting=split_image)
-    processor = Idefics3Processor(image_processor=images, tokenizer=fast, image_seq_len=image_seq_len,
-                                  chat_template=DEFAULT_CHAT_TEMPLATE)
+    model = model_class(config).eval()
+    images = image_class(max_image_size={"longest_edge": image_size},
+                         size={"longest_edge": longest_edge or 4 * image_size}, do_image_splitting=split_image)
+    extra = {}
+    if smolvlm2:
+        extra["video_processor"] = transformers.SmolVLMVideoProcessor(
+            max_image_size={"longest_edge": image_size}, size={"longest_edge": image_size})
+    processor = processor_class(image_processor=images, tokenizer=fast, image_seq_len=image_seq_len,
+                                chat_template=DEFAULT_CHAT_TEMPLATE, **extra)
     out = Path(out)
     model.save_pretrained(out)
     processor.save_pretrained(out)

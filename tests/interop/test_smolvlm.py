@@ -91,3 +91,20 @@ def test_a_padded_batch_gives_the_reference_inputs_and_masks(pair):
     theirs = reference_inputs(ref_processor, batch)
     assert_same_inputs(model.processor(batch, add_generation_prompt=True), theirs, batch)
     assert 0 in theirs["attention_mask"].flatten().tolist()  # the batch really was padded
+
+
+def test_a_smolvlm2_checkpoint_imports_with_the_same_inputs_and_logits(tmp_path, parity):
+    pytest.importorskip("num2words")  # SmolVLMProcessor needs it
+    from transformers import AutoProcessor, SmolVLMForConditionalGeneration
+
+    hf_dir = save_smolvlm(tmp_path / "hf", smolvlm2=True, seed=4)
+    model = VisionLanguageModel.from_pretrained(import_checkpoint("smolvlm", hf_dir, tmp_path / "minivlm")).eval()
+    ref_processor = AutoProcessor.from_pretrained(hf_dir)
+    reference = SmolVLMForConditionalGeneration.from_pretrained(hf_dir).eval()
+    assert type(ref_processor).__name__ == "SmolVLMProcessor" and model.processor.template.kind == "idefics3"
+    messages = conversations([image(*s, seed=i) for i, s in enumerate(IMAGE_SIZES)])["multi-turn"]
+    theirs = reference_inputs(ref_processor, [messages])
+    ours = model.processor([messages], add_generation_prompt=True)
+    assert_same_inputs(ours, theirs, [messages])
+    assert_same_run(parity, "smolvlm2 multi-turn logits", reference, theirs, model, ours,
+                    reference.config.image_token_id, ref_processor.tokenizer.pad_token_id)
