@@ -4,7 +4,7 @@
     minivlm import llava path/to/llava-1.5-7b-hf --out models/llava
     minivlm import nanovlm path/to/nanoVLM-230M --out models/nanovlm [--tokenizer DIR]
     minivlm import timm vit_tiny_patch16_224.augreg_in21k --out parts/vit      # timm/<name> in the cache
-    minivlm export smolvlm runs/finetune/model --out hf/smolvlm-finetuned
+    minivlm export smolvlm runs/finetune/model --out hf/smolvlm-finetuned          # also llava, nanovlm
 """
 
 from __future__ import annotations

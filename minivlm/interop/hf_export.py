@@ -1,7 +1,8 @@
-"""Write a minivlm checkpoint back in a published layout: ``smolvlm`` (transformers Idefics3, with
-its processor files) and ``nanovlm`` (nanoVLM's ``save_pretrained`` layout).
+"""Write a minivlm checkpoint back in a published layout: ``smolvlm`` (transformers Idefics3) and
+``llava`` (llava-hf), each with its processor files, and ``nanovlm`` (nanoVLM's ``save_pretrained``
+layout).
 
-The key tables are the importers' own (:func:`~minivlm.interop.idefics3.siglip_pairs`,
+The key tables are the importers' own (:mod:`~minivlm.interop.vit_pairs`,
 :func:`~minivlm.interop.nanovlm.nanovlm_pairs`), so import -> export is exact by construction
 and tested by loading the export in the original library. A model whose parts the layout cannot
 express (another projector, a class token, extra heads...) is refused with every reason listed,
@@ -148,7 +149,77 @@ def export_nanovlm(model_dir: str | Path, out: str | Path) -> Path:
     return write_staged(out, write)
 
 
-EXPORTERS: dict[str, Callable[[str | Path, str | Path], Path]] = {"smolvlm": export_smolvlm, "nanovlm": export_nanovlm}
+def export_llava(model_dir: str | Path, out: str | Path) -> Path:
+    """A ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` directory (keys as llava-hf checkpoints spell them)."""
+    from minivlm.interop.export import hf_llama_config
+    from minivlm.interop.hf_llama import llama_key_pairs
+    from minivlm.interop.llava import _CLIP_ACTIVATIONS
+    from minivlm.interop.vit_pairs import clip_pairs, export_pairs
+    from minivlm.text.hf_tokenizer import HFTokenizer
+    from minivlm.vision.llava import LlavaImageProcessor
+
+    model_dir = Path(model_dir)
+    model = VisionLanguageModel.from_pretrained(model_dir)
+    config, processor = model.config, model.processor
+    e, p, d = config.encoder, config.projector, config.decoder
+    problems = []
+    checks = [(not e.class_token, "no class token"), (not e.pre_norm, "no ln_pre"), (e.patch_bias, "a patch bias"),
+              (e.feature_norm, "features after the final norm (LLaVA reads a block's output)"),
+              (e.stem != "patch" or e.pos_embed != "learned" or e.temporal_patch_size != 1, "another patch embedding"),
+              (e.embed_dim is not None or e.pooling == "map", "a pooling head / projection"),
+              (p.kind != "mlp" or p.depth != 2 or (p.hidden_dim or d.width) != d.width, "a projector other than mlp2x_gelu"),
+              (config.fusion.kind != "splice", f"{config.fusion.kind} fusion"), (model.processor is None, "no processor")]
+    problems += [what for bad, what in checks if bad]
+    if processor is not None and not (isinstance(processor.tokenizer, HFTokenizer)
+                                      and isinstance(processor.image_processor, LlavaImageProcessor)
+                                      and processor.template.kind == "llava"):
+        problems.append("a processor other than llava-hf's (tokenizer.json, LLaVA image processing, LLaVA template)")
+    raise_if_unsupported(f"{model_dir} as a LLaVA checkpoint", problems)
+    text = hf_llama_config(d)
+    for key in ("architectures", "torch_dtype"):
+        text.pop(key)
+    hf_config = {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": text,
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": e.width, "intermediate_size": e.mlp_dim,
+                          "num_hidden_layers": e.depth, "num_attention_heads": e.n_heads, "num_channels": e.in_channels,
+                          "image_size": e.image_size, "patch_size": e.patch_size, "layer_norm_eps": e.norm_eps,
+                          "projection_dim": e.width,
+                          "hidden_act": {v: k for k, v in _CLIP_ACTIVATIONS.items() if k != "gelu_new"}[e.activation]},
+        "image_token_index": config.image_token_id, "vision_feature_select_strategy": "default",
+        # minivlm counts blocks from 0; transformers' hidden_states start with the embeddings.
+        "vision_feature_layer": e.feature_layer + 1 if e.feature_layer >= 0 else e.feature_layer,
+        "projector_hidden_act": "gelu", "multimodal_projector_bias": p.bias, "tie_word_embeddings": d.tie_embeddings}
+    own = model.state_dict()
+    state = export_pairs(own, clip_pairs(e.depth, "vision_tower.vision_model.", "encoder."), e.width)
+    for index, linear in ((0, "linear_1"), (2, "linear_2")):
+        for kind in ("weight", "bias") if p.bias else ("weight",):
+            state[f"multi_modal_projector.{linear}.{kind}"] = own[f"projector.mlp.{index}.{kind}"]
+    for theirs, ours in llama_key_pairs(d, "language_model.model.", "language_model.lm_head.weight"):
+        state[theirs] = own[f"decoder.{ours}"]
+    images = processor.image_processor.config
+
+    def write(directory: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+        _json(directory / "config.json", hf_config)
+        processor.tokenizer.save_pretrained(directory)
+        _json(directory / "preprocessor_config.json", {
+            "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_convert_rgb": True,
+            "do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
+            "do_pad": images.pad_to_square, "size": {"shortest_edge": images.shortest_edge},
+            "crop_size": {"height": images.image_size, "width": images.image_size}, "rescale_factor": 1 / 255,
+            "resample": {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[images.resample],
+            "image_mean": list(images.image_mean), "image_std": list(images.image_std)})
+        _json(directory / "processor_config.json", {
+            "processor_class": "LlavaProcessor", "patch_size": e.patch_size, "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1, "image_token": processor.tokenizer.image_token})
+        (directory / "chat_template.jinja").write_text(processor.template.jinja)
+
+    return write_staged(out, write)
+
+
+EXPORTERS: dict[str, Callable[[str | Path, str | Path], Path]] = {
+    "smolvlm": export_smolvlm, "llava": export_llava, "nanovlm": export_nanovlm}
 EXPORT_KINDS = tuple(EXPORTERS)
 
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from minivlm.config import EncoderConfig, FusionConfig, ProjectorConfig, VLMConfig
 from minivlm.interop import MappedState, StateMapper, raise_if_unsupported
 from minivlm.interop.hf_llama import decoder_config_from_hf, llama_key_pairs, map_hf_llama_into
+from minivlm.interop.vit_pairs import export_pairs, import_pairs, siglip_pairs
 
 MODEL_TYPES = ("idefics3", "smolvlm")
 VISION_DEFAULTS: dict[str, Any] = {
@@ -73,32 +73,10 @@ def vlm_config_from_idefics3(config: Mapping[str, Any]) -> VLMConfig:
     ).validate()
 
 
-def siglip_pairs(depth: int, src: str, dst: str) -> list[tuple[tuple[str, ...], str]]:
-    """``((foreign keys...), minivlm key)`` of a SigLIP-layout vision tower; three foreign keys
-    (q, k, v) are concatenated along dim 0 into one minivlm tensor. The one table of import and export."""
-    pairs = [((f"{src}embeddings.patch_embedding.{p}",), f"{dst}patch_embed.{p}") for p in ("weight", "bias")]
-    pairs.append(((f"{src}embeddings.position_embedding.weight",), f"{dst}pos_embed"))
-    for i in range(depth):
-        s, d = f"{src}encoder.layers.{i}.", f"{dst}blocks.{i}."
-        for p in ("weight", "bias"):
-            pairs.append((tuple(f"{s}self_attn.{x}_proj.{p}" for x in "qkv"), f"{d}attn.qkv.{p}"))
-            for theirs, ours in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
-                                 ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                pairs.append(((f"{s}{theirs}.{p}",), f"{d}{ours}.{p}"))
-    pairs += [((f"{src}post_layernorm.{p}",), f"{dst}norm.{p}") for p in ("weight", "bias")]
-    return pairs
-
-
 def map_idefics3_state(state: Mapping[str, Tensor], config: VLMConfig) -> MappedState:
     """Pure key mapping: an Idefics3 / SmolVLM state dict -> ``VisionLanguageModel`` keys."""
     mapper = StateMapper(state)
-    for theirs, ours in siglip_pairs(config.encoder.depth, VISION, "encoder."):
-        if len(theirs) == 3:
-            mapper.fuse(theirs, ours)
-        elif ours.endswith("pos_embed"):
-            mapper.move(theirs[0], ours, lambda t: t.unsqueeze(0))
-        else:
-            mapper.move(theirs[0], ours)
+    import_pairs(mapper, siglip_pairs(config.encoder.depth, VISION, "encoder."))
     mapper.move(CONNECTOR, "projector.mlp.0.weight")
     map_hf_llama_into(mapper, config.decoder, body=TEXT, head="lm_head.weight", dst="decoder.")
     return mapper.result()
@@ -106,14 +84,7 @@ def map_idefics3_state(state: Mapping[str, Tensor], config: VLMConfig) -> Mapped
 
 def idefics3_state_from_minivlm(state: Mapping[str, Tensor], config: VLMConfig) -> dict[str, Tensor]:
     """The inverse of :func:`map_idefics3_state`: minivlm keys -> Idefics3 keys (tied head omitted)."""
-    out: dict[str, Tensor] = {}
-    width = config.encoder.width
-    for theirs, ours in siglip_pairs(config.encoder.depth, VISION, "encoder."):
-        tensor = state[ours]
-        if len(theirs) == 3:
-            out.update(zip(theirs, torch.split(tensor, width, dim=0)))
-        else:
-            out[theirs[0]] = tensor[0] if ours.endswith("pos_embed") else tensor
+    out = export_pairs(state, siglip_pairs(config.encoder.depth, VISION, "encoder."), config.encoder.width)
     out[CONNECTOR] = state["projector.mlp.0.weight"]
     for theirs, ours in llama_key_pairs(config.decoder, TEXT, "lm_head.weight"):
         out[theirs] = state[f"decoder.{ours}"]

@@ -42,6 +42,7 @@ from torch import Tensor
 from minivlm.config import EncoderConfig, FusionConfig, ProjectorConfig, VLMConfig
 from minivlm.interop import MappedState, StateMapper, load_mapped, raise_if_unsupported
 from minivlm.interop.hf_llama import decoder_config_from_hf, load_hf_state, map_hf_llama_into, read_hf_config
+from minivlm.interop.vit_pairs import clip_pairs, import_pairs
 from minivlm.model import VisionLanguageModel
 from minivlm.vision.transforms import CLIP_MEAN, CLIP_STD
 
@@ -180,21 +181,9 @@ def _is_position_ids(t: Tensor) -> bool:
 
 def map_hf_clip_vision_into(mapper: StateMapper, config: EncoderConfig, src: str = "", dst: str = "") -> None:
     """Add the moves for a ``CLIPVisionTransformer`` (keys under ``src``, no ``vision_model.``) to ``mapper``."""
-    mapper.move(f"{src}embeddings.class_embedding", f"{dst}cls_token", lambda t: t.reshape(1, 1, -1))
-    mapper.move(f"{src}embeddings.patch_embedding.weight", f"{dst}patch_embed.weight")
-    mapper.move(f"{src}embeddings.position_embedding.weight", f"{dst}pos_embed", lambda t: t.unsqueeze(0))
+    import_pairs(mapper, clip_pairs(config.depth, src, dst))
     # transformers < 4.31 persisted the arange position_ids buffer.
     mapper.skip(f"{src}embeddings.position_ids", "an arange buffer", _is_position_ids)
-    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("norm", "post_layernorm")):  # sic: "layrnorm"
-        mapper.move(f"{src}{theirs}.weight", f"{dst}{ours}.weight")
-        mapper.move(f"{src}{theirs}.bias", f"{dst}{ours}.bias")
-    for i in range(config.depth):
-        s, d = f"{src}encoder.layers.{i}.", f"{dst}blocks.{i}."
-        for p in ("weight", "bias"):
-            mapper.fuse([f"{s}self_attn.{x}_proj.{p}" for x in "qkv"], f"{d}attn.qkv.{p}")
-            for theirs, ours in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
-                                 ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                mapper.move(f"{s}{theirs}.{p}", f"{d}{ours}.{p}")
 
 
 def map_llava_state(state: Mapping[str, Tensor], config: VLMConfig) -> MappedState:

@@ -78,3 +78,23 @@ def test_a_padded_batch_gives_the_reference_masks(pair):
     assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
     assert ours["attention_mask"].long().tolist() == theirs["attention_mask"].tolist()
     assert 0 in theirs["attention_mask"].flatten().tolist()
+
+
+def test_the_import_exports_back_to_llava_hf(pair, tmp_path, parity):
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from minivlm.interop.hf_export import export_checkpoint
+
+    _, _, model = pair
+    model_dir = tmp_path / "minivlm"
+    model.save_pretrained(model_dir)
+    out = export_checkpoint("llava", model_dir, tmp_path / "llava-again")
+    reference, ref_processor = LlavaForConditionalGeneration.from_pretrained(out).eval(), LlavaProcessor.from_pretrained(out)
+    messages = conversations([image(*s, seed=9 + i) for i, s in enumerate(IMAGE_SIZES)])["several images"]
+    theirs = reference_inputs(ref_processor, [messages])
+    ours = model.processor([messages], add_generation_prompt=True)
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
+    with torch.no_grad():
+        parity("llava export logits", model(ours["input_ids"], pixel_values=ours["pixel_values"]).logits,
+               reference(**theirs).logits)
