@@ -146,3 +146,22 @@ def test_export_refuses_a_model_the_layout_cannot_hold(files, capsys):
     error = capsys.readouterr().err
     assert "cannot be represented" in error and "conv stem" in error and "chat template" in error
     assert not (files / "tiny-hf").exists()
+
+
+def test_a_checkpoint_whose_template_minivlm_does_not_render_is_refused(files, capsys):
+    from minivlm.text.templates import ChatMLTemplate
+
+    hf = save_smolvlm(files / "odd-template", seed=6)
+    (hf / "chat_template.jinja").write_text(ChatMLTemplate.jinja)
+    capsys.readouterr()
+    assert main(["import", "smolvlm", str(hf), "--out", str(files / "odd")]) == 2
+    error = capsys.readouterr().err
+    assert "chat template renders" in error and "'idefics3' template renders" in error
+    assert not (files / "odd").exists()
+
+
+def test_the_wrong_importer_names_the_model_type(files, capsys):
+    hf = save_llava(files / "llava-for-smolvlm")
+    capsys.readouterr()
+    assert main(["import", "smolvlm", str(hf), "--out", str(files / "wrong")]) == 2
+    assert "model_type 'llava'; expected one of ('idefics3', 'smolvlm')" in capsys.readouterr().err
