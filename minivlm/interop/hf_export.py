@@ -52,6 +52,27 @@ def _json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def _write_hf(out: str | Path, state: dict[str, Any], config: dict[str, Any], processor: Any,
+              preprocessor: dict[str, Any], processor_config: dict[str, Any]) -> Path:
+    """Weights, ``config.json``, the tokenizer, the image and processor settings and the chat
+    template, as a transformers model + processor directory holds them (staged, then moved in)."""
+    images = processor.image_processor.config
+    common = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+              "rescale_factor": 1 / 255, "resample": {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[images.resample],
+              "image_mean": list(images.image_mean), "image_std": list(images.image_std)}
+
+    def write(directory: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+        _json(directory / "config.json", config)
+        processor.tokenizer.save_pretrained(directory)
+        _json(directory / "preprocessor_config.json", {**common, **preprocessor})
+        _json(directory / "processor_config.json", processor_config)
+        (directory / "chat_template.jinja").write_text(processor.template.jinja)
+
+    return write_staged(out, write)
+
+
 def _import_record(directory: Path) -> dict[str, Any]:
     path = directory / SOURCE_NAME
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -88,23 +109,11 @@ def export_smolvlm(model_dir: str | Path, out: str | Path) -> Path:
     state = idefics3_state_from_minivlm(model.state_dict(), config)
     images = processor.image_processor.config
 
-    def write(directory: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"),
-                  metadata={"format": "pt"})
-        _json(directory / "config.json", hf_config)
-        processor.tokenizer.save_pretrained(directory)
-        _json(directory / "preprocessor_config.json", {
-            "image_processor_type": "Idefics3ImageProcessor", "processor_class": "Idefics3Processor",
-            "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True, "do_pad": True,
-            "do_image_splitting": images.split_image, "max_image_size": {"longest_edge": images.image_size},
-            "size": {"longest_edge": images.longest_edge}, "rescale_factor": 1 / 255,
-            "resample": {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[images.resample],
-            "image_mean": list(images.image_mean), "image_std": list(images.image_std)})
-        _json(directory / "processor_config.json", {"image_seq_len": processor.image_seq_len,
-                                                    "processor_class": "Idefics3Processor"})
-        (directory / "chat_template.jinja").write_text(processor.template.jinja)
-
-    written = write_staged(out, write)
+    written = _write_hf(out, state, hf_config, processor, {
+        "image_processor_type": "Idefics3ImageProcessor", "processor_class": "Idefics3Processor", "do_pad": True,
+        "do_image_splitting": images.split_image, "max_image_size": {"longest_edge": images.image_size},
+        "size": {"longest_edge": images.longest_edge}}, {"image_seq_len": processor.image_seq_len,
+                                                         "processor_class": "Idefics3Processor"})
     log.info("exported %s as an Idefics3 checkpoint to %s", model_dir, written)
     return written
 
@@ -198,24 +207,12 @@ def export_llava(model_dir: str | Path, out: str | Path) -> Path:
         state[theirs] = own[f"decoder.{ours}"]
     images = processor.image_processor.config
 
-    def write(directory: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "model.safetensors"),
-                  metadata={"format": "pt"})
-        _json(directory / "config.json", hf_config)
-        processor.tokenizer.save_pretrained(directory)
-        _json(directory / "preprocessor_config.json", {
-            "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_convert_rgb": True,
-            "do_resize": True, "do_center_crop": True, "do_rescale": True, "do_normalize": True,
-            "do_pad": images.pad_to_square, "size": {"shortest_edge": images.shortest_edge},
-            "crop_size": {"height": images.image_size, "width": images.image_size}, "rescale_factor": 1 / 255,
-            "resample": {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}[images.resample],
-            "image_mean": list(images.image_mean), "image_std": list(images.image_std)})
-        _json(directory / "processor_config.json", {
-            "processor_class": "LlavaProcessor", "patch_size": e.patch_size, "vision_feature_select_strategy": "default",
-            "num_additional_image_tokens": 1, "image_token": processor.tokenizer.image_token})
-        (directory / "chat_template.jinja").write_text(processor.template.jinja)
-
-    return write_staged(out, write)
+    return _write_hf(out, state, hf_config, processor, {
+        "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor", "do_center_crop": True,
+        "do_pad": images.pad_to_square, "size": {"shortest_edge": images.shortest_edge},
+        "crop_size": {"height": images.image_size, "width": images.image_size}}, {
+        "processor_class": "LlavaProcessor", "patch_size": e.patch_size, "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1, "image_token": processor.tokenizer.image_token})
 
 
 EXPORTERS: dict[str, Callable[[str | Path, str | Path], Path]] = {
