@@ -54,20 +54,24 @@ def real_views(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def greedy(model, batch: dict, n: int = 32) -> list[int]:
-    """minivlm's greedy continuation of one prompt, never stopping early."""
+    """minivlm's greedy continuation of one prompt, never stopping early (ids without a token, which
+    pad the reference models' vocabularies, are not generated)."""
     out = generate(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                   GenerationConfig(max_new_tokens=n))
+                   GenerationConfig(max_new_tokens=n), tokenizer=model.processor.tokenizer)
     return out.tokens[0]
 
 
 def assert_same_run(parity, name: str, reference, theirs, model, ours: dict, image_token_id: int, pad_id: int) -> None:
-    """fp32 logits within the tolerance and 32 identical greedy tokens (the image placeholder
-    suppressed for transformers too: minivlm never generates one)."""
+    """fp32 logits within the tolerance and 32 identical greedy tokens (the image placeholder and the
+    ids padding the vocabulary beyond the tokenizer suppressed for transformers too: minivlm never
+    generates them)."""
     with torch.no_grad():
         reference_logits = reference(**theirs).logits
         our_logits = model(ours["input_ids"], pixel_values=ours["pixel_values"],
                            attention_mask=ours["attention_mask"]).logits
     parity(name, our_logits, reference_logits)
     expected = reference.generate(**theirs, max_new_tokens=32, do_sample=False, eos_token_id=None,
-                                  suppress_tokens=[image_token_id], pad_token_id=pad_id)
+                                  suppress_tokens=[image_token_id, *range(len(model.processor.tokenizer),
+                                                                          model.config.decoder.vocab_size)],
+                                  pad_token_id=pad_id)
     assert greedy(model, ours) == expected[0, theirs["input_ids"].shape[1]:].tolist()

@@ -165,3 +165,22 @@ def test_the_wrong_importer_names_the_model_type(files, capsys):
     capsys.readouterr()
     assert main(["import", "smolvlm", str(hf), "--out", str(files / "wrong")]) == 2
     assert "model_type 'llava'; expected one of ('idefics3', 'smolvlm')" in capsys.readouterr().err
+
+
+def test_ids_that_pad_the_vocabulary_beyond_the_tokenizer_are_never_generated(smolvlm):
+    from minivlm.generate import GenerationConfig, chat, generate
+
+    model = VisionLanguageModel.from_pretrained(smolvlm[1]).eval()
+    n_text = len(model.processor.tokenizer)
+    assert model.config.decoder.vocab_size > n_text  # the reference pads its vocabulary, as published models do
+    with torch.no_grad():  # make the padding rows the most likely continuations
+        model.decoder.lm_head.weight[:n_text] = 0.0
+        model.decoder.lm_head.weight[n_text:] = model.decoder.norm.weight * 5
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    batch = model.processor([messages], add_generation_prompt=True, padding_side="left")
+    unguarded = generate(model, batch["input_ids"], batch["attention_mask"], config=GenerationConfig(max_new_tokens=4))
+    assert max(unguarded.tokens[0]) >= n_text  # what the guard prevents
+    guarded = generate(model, batch["input_ids"], batch["attention_mask"], config=GenerationConfig(max_new_tokens=4),
+                       tokenizer=model.processor.tokenizer)
+    assert max(guarded.tokens[0]) < n_text
+    assert isinstance(chat(model, messages, max_new_tokens=4), str)  # decodes, where it used to raise
