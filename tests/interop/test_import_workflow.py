@@ -184,3 +184,37 @@ def test_ids_that_pad_the_vocabulary_beyond_the_tokenizer_are_never_generated(sm
                        tokenizer=model.processor.tokenizer)
     assert max(guarded.tokens[0]) < n_text
     assert isinstance(chat(model, messages, max_new_tokens=4), str)  # decodes, where it used to raise
+
+
+def test_a_sentencepiece_only_llava_keeps_its_added_tokens_at_their_ids(files, capsys):
+    """A LLaVA directory that ships tokenizer.model (no tokenizer.json): transformers' added tokens
+    (tokenizer_config.json's added_tokens_decoder) land at their ids, so <image> is image_token_index."""
+    import io
+
+    import sentencepiece as spm
+
+    from minivlm.text.processor import Processor
+
+    hf = save_llava(files / "llava-spm")
+    model = io.BytesIO()  # a plain Llama-style sentencepiece model: <unk> <s> </s>, no chat tokens
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["what is in this image? a red square. USER ASSISTANT"] * 30),
+                                   model_writer=model, vocab_size=300, model_type="bpe", byte_fallback=True,
+                                   hard_vocab_limit=False, minloglevel=2)
+    n = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    (hf / "tokenizer.json").unlink()
+    (hf / "tokenizer.model").write_bytes(model.getvalue())
+    config = json.loads((hf / "config.json").read_text())
+    config["image_token_index"] = n
+    (hf / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
+    tokenizer_config["added_tokens_decoder"] = {str(n): {"content": "<image>", "special": True},
+                                                str(n + 1): {"content": "<llava-pad>", "special": True}}
+    (hf / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert main(["import", "llava", str(hf), "--out", str(files / "llava-spm-mini")]) == 0
+    processor = Processor.from_pretrained(files / "llava-spm-mini")
+    assert processor.tokenizer.image_token_id == n and processor.tokenizer.token_to_id("<llava-pad>") == n + 1
+    assert processor.template.kind == "llava"
+    capsys.readouterr()
+    assert main(["chat", "--model", str(files / "llava-spm-mini"), "--image", str(files / "picture.png"),
+                 "--max-new-tokens", "4", "--json", "What is in this image?"]) == 0
+    assert "answer" in json.loads(capsys.readouterr().out)
