@@ -55,6 +55,8 @@ class EncoderConfig:
     patch_bias: bool = True
     stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
     pos_embed: str = "learned"  # learned | sincos2d (fixed 2-D sin-cos; Beyer et al. 2022)
+    pos_index: str = "grid"  # row a patch reads: grid (row-major) | idefics3 (transformers' bucketised coordinates)
+    drop_remainder: bool = False  # image_size need not be a multiple of patch_size: the last pixels are unread (SigLIP 384/14)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
@@ -248,8 +250,9 @@ class VLMConfig:
                 v = getattr(cfg, fld.name)
                 if isinstance(v, int) and not isinstance(v, bool) and fld.name != "feature_layer":
                     need(v > 0, f"{part}.{fld.name}", f"must be positive, got {v}")
-        need(e.image_size % e.patch_size == 0, "encoder.image_size",
-             f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size}")
+        need(e.image_size % e.patch_size == 0 or (e.drop_remainder and e.stem == "patch"), "encoder.image_size",
+             f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size} (encoder.drop_remainder=true "
+             f"lets the patch conv leave the last pixels unread)")
         need(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
         need(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
              f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
@@ -264,6 +267,9 @@ class VLMConfig:
              f"expected learned | sincos2d, got {e.pos_embed!r}")
         need(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
              f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
+        need(e.pos_index in ("grid", "idefics3"), "encoder.pos_index", f"expected grid | idefics3, got {e.pos_index!r}")
+        need(e.pos_index == "grid" or (e.pos_embed == "learned" and not e.class_token), "encoder.pos_index",
+             "idefics3 indexes a learned table of patch positions: needs pos_embed=learned and no class token")
         need(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
              f"expected none | cls | mean | map, got {e.pooling!r}")
         need(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")

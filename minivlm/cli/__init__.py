@@ -67,7 +67,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from minivlm.train.recipe import run
 
-    cfg = preset(args.preset).override(*args.overrides)
+    base = args.model
+    if base and not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {base}: not a checkpoint directory (no config.json)")
+    cfg = (_load_config(base) if base else preset(args.preset)).override(*args.overrides)
     if args.data:
         cfg.data.mixture = args.data
     if args.steps is not None:
@@ -77,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.validate()
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or cfg.name)
     out = run(cfg, run_dir, resume=args.resume, max_minutes=args.max_minutes, eval_limit=args.eval_limit,
-              progress=not args.no_progress)
+              progress=not args.no_progress, base=base)
     if out.report is not None:
         print(f"\ntrained {out.steps} steps in {out.train_seconds:.0f} s ({out.status}); "
               f"evaluated in {out.eval_seconds:.0f} s\n")
@@ -88,16 +91,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             mark = "" if p.correct is None else ("  ok" if p.correct else "  WRONG")
             print(f"  [{p.task}] {p.question!r} -> {p.prediction!r} (expected {p.answer!r}){mark}")
     print(f"\nmodel: {out.model_dir}\nrun:   {run_dir} (metrics.jsonl, loss.png, eval.json)")
-    return 0
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    from minivlm.interop.convert import import_checkpoint
-
-    opts = {k: v for k, v in (("model_name", args.model_name), ("image_size", args.image_size),
-                              ("normalization", args.normalization)) if v is not None}
-    out = import_checkpoint(args.kind, args.src, args.out, **opts)
-    print(f"wrote {out}")
     return 0
 
 
@@ -115,6 +108,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "minivlm.cli.chat",
     "minivlm.cli.evaluate",
     "minivlm.cli.retrieve",
+    "minivlm.cli.import_",
 )
 
 
@@ -133,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (default: tiny preset on the embedded data mixture)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-3 projector=mlp")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--model", metavar="DIR", help="fine-tune this checkpoint (e.g. from `minivlm import`) instead of "
+                                                  "a preset; overrides and train.lora_rank=N apply")
     p.add_argument("--data", help="mixture spec, e.g. easy_vqa:0.5,shapes:0.3,charts:0.2")
     p.add_argument("--out", help="run directory (default runs/<name>)")
     p.add_argument("--name", help="run name under runs/")
@@ -143,17 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="score at most this many test samples per task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
-
-    from minivlm.interop.convert import IMPORT_KINDS
-
-    p = sub.add_parser("import", help="convert timm / open_clip / HF Llama / LLaVA weights into a minivlm directory")
-    p.add_argument("kind", choices=sorted(IMPORT_KINDS))
-    p.add_argument("src", help="a model name (timm, open_clip) or a directory (hf-llama, llava)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model-name", help="open_clip: the model config name when SRC is a weights file")
-    p.add_argument("--image-size", type=int, help="encoder input size (resamples position embeddings)")
-    p.add_argument("--normalization", choices=["clip", "siglip", "imagenet"])
-    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("plot", help="draw a run's loss curve")
     p.add_argument("run_dir")

@@ -55,13 +55,19 @@ from minivlm.text.tokenizer import (
     IM_START_TOKEN,
     IMAGE_TOKEN,
     VIDEO_TOKEN,
-    Tokenizer,
     tile_token,
 )
+from minivlm.text.segments import (  # noqa: F401  (re-exported: these lived here before templates)
+    IGNORE_INDEX,
+    MediaSegment,
+    Segment,
+    SpecialSegment,
+    TextSegment,
+    encode_segments,
+    merge_text_segments,
+    segments_to_text,
+)
 from minivlm.vision import format_timestamp
-
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -325,34 +331,7 @@ def validate_conversation(messages: Sequence[Message], *, for_training: bool = F
         )
 
 
-# ---- template -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextSegment:
-    """Text encoded as ordinary tokens (never turned into special ids)."""
-
-    text: str
-    supervised: bool = False
-
-
-@dataclass(frozen=True)
-class SpecialSegment:
-    """A special token, inserted by id, ``repeat`` times."""
-
-    token: str
-    supervised: bool = False
-    repeat: int = 1
-
-
-@dataclass(frozen=True)
-class MediaSegment:
-    """Where an image or video goes; expanded by the processor once the media is loaded."""
-
-    part: ImagePart | VideoPart
-
-
-Segment = Union[TextSegment, SpecialSegment, MediaSegment]
-
-
+# ---- template (ChatML) -----------------------------------------------------------------------
 def chat_segments(messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[Segment]:
     """The template of the module docstring as segments, media left as :class:`MediaSegment`.
 
@@ -369,22 +348,6 @@ def chat_segments(messages: Sequence[Message], *, add_generation_prompt: bool = 
     if add_generation_prompt:
         segments += [SpecialSegment(IM_START_TOKEN), TextSegment("assistant\n")]
     return merge_text_segments(segments)
-
-
-def merge_text_segments(segments: Sequence[Segment]) -> list[Segment]:
-    """Join consecutive :class:`TextSegment` with equal ``supervised`` flags."""
-    merged: list[Segment] = []
-    for segment in segments:
-        previous = merged[-1] if merged else None
-        if (
-            isinstance(segment, TextSegment)
-            and isinstance(previous, TextSegment)
-            and previous.supervised == segment.supervised
-        ):
-            merged[-1] = TextSegment(previous.text + segment.text, segment.supervised)
-        else:
-            merged.append(segment)
-    return merged
 
 
 def image_segments(image_seq_len: int, rows: int = 0, cols: int = 0) -> list[Segment]:
@@ -420,36 +383,3 @@ def image_segments(image_seq_len: int, rows: int = 0, cols: int = 0) -> list[Seg
 def video_frame_segments(timestamp: float, image_seq_len: int) -> list[Segment]:
     """One video frame: its time as ``"mm:ss "`` text, then its image tokens (SmolVLM2 style)."""
     return [TextSegment(f"{format_timestamp(timestamp)} ")] + image_segments(image_seq_len)
-
-
-def segments_to_text(segments: Sequence[Segment]) -> str:
-    """The rendered template string; ``tokenizer.decode`` of the segments' ids reproduces it."""
-    out = []
-    for segment in segments:
-        if isinstance(segment, TextSegment):
-            out.append(segment.text)
-        elif isinstance(segment, SpecialSegment):
-            out.append(segment.token * segment.repeat)
-        else:
-            raise ValueError("segments_to_text needs media expanded first; got a MediaSegment")
-    return "".join(out)
-
-
-def encode_segments(segments: Sequence[Segment], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels of text and special segments.
-
-    Labels equal the ids on supervised segments and :data:`IGNORE_INDEX` elsewhere (aligned with
-    the ids; the shift by one happens in the loss).
-    """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for segment in segments:
-        if isinstance(segment, TextSegment):
-            ids = tokenizer.encode(segment.text)
-        elif isinstance(segment, SpecialSegment):
-            ids = [tokenizer.token_to_id(segment.token)] * segment.repeat
-        else:
-            raise ValueError("encode_segments needs media expanded first; got a MediaSegment")
-        input_ids += ids
-        labels += ids if segment.supervised else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels

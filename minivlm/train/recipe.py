@@ -113,8 +113,13 @@ def eval_sources(spec: str) -> list[str]:
 
 
 def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minutes: float | None = None,
-        eval_limit: int | None = None, progress: bool = True, dist=None) -> RunOutputs:
-    """Train ``cfg`` into ``run_dir`` and evaluate the result on every named source's test split."""
+        eval_limit: int | None = None, progress: bool = True, dist=None, base: str | Path | None = None) -> RunOutputs:
+    """Train ``cfg`` into ``run_dir`` and evaluate the result on every named source's test split.
+
+    ``base``: a checkpoint directory (e.g. written by ``minivlm import``) to fine-tune: its weights
+    and processor (tokenizer, image processing, chat template) are used instead of a new tokenizer
+    and random weights; ``cfg`` must be its config (with any overrides).
+    """
     from minivlm.train.checkpoint import latest_checkpoint
     from minivlm.train.distributed import DistributedContext
     from minivlm.train.plot import plot_run
@@ -130,6 +135,8 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     if previous is not None:
         processor = Processor.from_pretrained(previous)
         cfg = VLMConfig.from_json(previous / "config.json")
+    elif base is not None:
+        processor = Processor.from_pretrained(base)
     else:
         from torch.utils.data import ConcatDataset
 
@@ -139,6 +146,12 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     cfg.validate()
     model = VisionLanguageModel(cfg)
     if previous is None:
+        if base is not None:
+            from minivlm.interop.safetensors_io import load_safetensors
+            from minivlm.model import WEIGHTS_NAME
+
+            model.load_checkpoint_state(load_safetensors(Path(base) / WEIGHTS_NAME))
+            log.info("fine-tuning %s", base)
         init_parts_from(model)
     if dist.is_main:
         log.info("model %s: %s parameters; data %s", cfg.name, f"{model.num_parameters():,}", cfg.data.mixture)
