@@ -77,7 +77,7 @@ class TrainResult:
     """What :meth:`Trainer.fit` did.
 
     ``status``: ``finished`` | ``interrupted`` (SIGTERM/SIGINT, number in ``stop_signal``; a
-    checkpoint was saved) | ``time_budget`` | ``nonfinite`` (more than half of this call's steps
+    checkpoint was saved) | ``time_budget`` | ``nonfinite`` (more than half of the run's steps
     were skipped for a non-finite loss or an fp16 overflow: the model did not really train).
     ``skipped_steps``: steps skipped for a non-finite loss or gradient;
     ``overflow_steps``: fp16 steps the gradient scaler skipped (normal while it calibrates).
@@ -488,19 +488,20 @@ class Trainer:
         seconds = time.perf_counter() - t_start
         if self.skipped_samples and self.dist.is_main:
             log.warning("skipped samples: %s", dict(self.skipped_samples))
-        return TrainResult(self.step, self._final_status(status, history), last_loss, seconds,
+        return TrainResult(self.step, self._final_status(status), last_loss, seconds,
                            tokens_seen / max(seconds, 1e-9), self.nonfinite_total, dict(self.skipped_samples), history,
                            self.overflow_total, self._stop_signal if status == "interrupted" else None)
 
-    def _final_status(self, status: str, history: list[dict[str, Any]]) -> str:
-        """``nonfinite`` when more than half of this call's steps were skipped as non-finite (or
-        fp16 overflows): such a run did not train, whatever its step count says."""
-        bad = sum(h.get("skipped") in ("nonfinite", "overflow") for h in history)
-        if status == "interrupted" or 2 * bad <= len(history):
+    def _final_status(self, status: str) -> str:
+        """``nonfinite`` when more than half of the run's steps so far (resumed parts included)
+        were skipped as non-finite or fp16 overflows: such a run did not train, whatever its
+        step count says."""
+        bad = self.nonfinite_total + self.overflow_total
+        if status == "interrupted" or 2 * bad <= self.step:
             return status
         if self.dist.is_main:
             log.error("%d of the %d steps of this run were skipped for a non-finite loss or gradient: the model "
-                      "did not train (lower train.lr, or use train.precision=bf16 or fp32)", bad, len(history))
+                      "did not train (lower train.lr, or use train.precision=bf16 or fp32)", bad, self.step)
         return "nonfinite"
 
     def _thread_tuner(self) -> ThreadTuner | None:

@@ -254,7 +254,7 @@ def test_resume_refuses_overrides_it_cannot_apply_and_applies_the_safe_ones():
 
 # ---- runs that did not train -------------------------------------------------------------------
 def test_a_run_whose_steps_were_mostly_non_finite_is_not_reported_finished(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path, "train.steps=8", "train.max_nonfinite=100")
+    trainer = _trainer(tmp_path, "train.steps=8", "train.max_nonfinite=100", "train.save_every=4")
     loss_sum = trainer.model.loss_sum
     calls = iter(range(10**6))
 
@@ -265,6 +265,10 @@ def test_a_run_whose_steps_were_mostly_non_finite_is_not_reported_finished(tmp_p
     monkeypatch.setattr(trainer.model, "loss_sum", seven_of_eight_nan)
     result = trainer.fit()
     assert result.steps == 8 and result.skipped_steps == 7 and result.status == "nonfinite"
+    trainer.close()
+    # Resuming the finished run judges all of it, not only the (empty) rest.
+    again = _trainer(tmp_path, "train.steps=8", "train.max_nonfinite=100", "train.save_every=4")
+    assert again.fit(resume=True).status == "nonfinite"
 
 
 def test_sigterm_saves_and_reports_the_signal(tmp_path):
