@@ -16,6 +16,10 @@ import typing
 from typing import Any
 
 
+#: JSON value types each scalar annotation accepts (an integer is a whole float in JSON).
+_SCALARS: dict[Any, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
 def type_name(annotation: Any) -> str:
     """``int``, ``float or None``, ``tuple of 2 float``, ... as an error message says it."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -52,22 +56,11 @@ def check_value(value: Any, annotation: Any, name: str) -> Any:
             except ConfigError:
                 continue
         raise fail()
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail()
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise fail()
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise fail()
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise fail()
+    if annotation in _SCALARS:
+        # bool is an int in Python, but `"n_layers": true` is not a layer count.
+        if not isinstance(value, _SCALARS[annotation]) or (isinstance(value, bool) and annotation is not bool):
+            raise fail()
+        return float(value) if annotation is float else value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise fail()

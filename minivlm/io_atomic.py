@@ -28,7 +28,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,15 @@ def as_write_error(path: str | Path, err: BaseException) -> WriteError | None:
         return err
     cause = _io_cause(err)
     return _write_error(Path(path), cause) if cause is not None else None
+
+
+def raise_write_failure(target: str | Path, err: BaseException) -> NoReturn:
+    """Re-raise ``err`` (inside its ``except`` block) as a :class:`WriteError` naming ``target``
+    when it is an I/O failure, unchanged otherwise (interrupts and bugs stay what they are)."""
+    failure = as_write_error(target, err) if isinstance(err, Exception) else None
+    if failure is not None and failure is not err:
+        raise failure from err
+    raise err
 
 
 def _write_error(path: Path, err: BaseException) -> WriteError:
@@ -140,10 +149,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        failure = as_write_error(target, err) if isinstance(err, Exception) else None
-        if failure is not None and failure is not err:
-            raise failure from err
-        raise
+        raise_write_failure(target, err)
     fsync_dir(target.parent)
 
 
@@ -256,10 +262,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         replace_directory(tmp, target)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = as_write_error(target, err) if isinstance(err, Exception) else None
-        if failure is not None and failure is not err:
-            raise failure from err
-        raise
+        raise_write_failure(target, err)
 
 
 def write_directory(target: str | Path, writer: Callable[[Path], Any], owned: frozenset[str] | None = None) -> Path:

@@ -20,7 +20,6 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import random
 import re
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minivlm.io_atomic import as_write_error, atomic_write_json, fsync_dir, fsync_tree
+from minivlm.io_atomic import atomic_write_json, fsync_dir, fsync_tree, raise_write_failure
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +87,9 @@ def _python_state_from_list(state: list) -> tuple:
 
 def checkpoint_run_id(checkpoint_dir: str | Path) -> str | None:
     """The id of the run that wrote a checkpoint (None: written before run ids, or unreadable)."""
-    try:
-        value = json.loads((Path(checkpoint_dir) / MARKER_NAME).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) and value else None
+    from minivlm.train.run_dir import read_run_id
+
+    return read_run_id(checkpoint_dir, MARKER_NAME)
 
 
 def checkpoint_dirs(run_dir: str | Path, run_id: str | None = None) -> list[Path]:
@@ -158,10 +155,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state_writer: Callable
         fsync_dir(root)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = as_write_error(final, err) if isinstance(err, Exception) else None
-        if failure is not None and failure is not err:
-            raise failure from err
-        raise
+        raise_write_failure(final, err)
     if keep > 0:
         for old in checkpoint_dirs(run_dir, run_id)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

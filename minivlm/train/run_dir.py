@@ -293,10 +293,11 @@ def newest_checkpoint_run_id(path: str | Path) -> str | None:
     return checkpoint_run_id(dirs[-1]) if dirs else None
 
 
-def read_run_id(path: str | Path) -> str | None:
-    """The run id recorded in ``path/run.json`` (None when there is none or it is unreadable)."""
+def read_run_id(path: str | Path, file: str = RUN_FILE) -> str | None:
+    """The run id recorded in ``path/run.json`` (or another JSON ``file`` there, e.g. a checkpoint's
+    ``checkpoint.json``); None when there is none or it is unreadable."""
     try:
-        value = json.loads((Path(path) / RUN_FILE).read_text()).get("run_id")
+        value = json.loads((Path(path) / file).read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) and value else None
