@@ -9,7 +9,6 @@ The LLaVA-style composition (Liu et al. 2023): each part is chosen by exact regi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,9 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 PARTS = ("encoder", "projector", "fusion", "decoder")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+#: What :meth:`VisionLanguageModel.save_pretrained` writes (with the processor and retrieval head).
+MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "processor_config.json", "tokenizer.model",
+                         "retrieval_head.json", "retrieval_head.safetensors"})
 
 
 @dataclass
@@ -257,25 +259,32 @@ class VisionLanguageModel(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` (+ the processor's files when attached).
 
         ``state_dict`` overrides the module's own (a full state gathered from FSDP shards).
+        The model files are replaced as a whole (:func:`minivlm.io_atomic.write_directory`): a
+        crash or a full disk at any moment leaves the previous model loadable; other files in
+        ``directory`` are kept.
         """
         from safetensors.torch import save_file
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(out / CONFIG_NAME)
+        from minivlm.io_atomic import write_directory
+
         tied = self._tied_keys()
         source = state_dict if state_dict is not None else self.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()
                  if k not in tied and not k.startswith("retrieval_head.")}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
-        if self.processor is not None:
-            self.processor.save_pretrained(out)
-        if getattr(self, "retrieval_head", None) is not None:
-            from minivlm.retrieval import save_retrieval_head
 
-            prefix = "retrieval_head."
-            save_retrieval_head(self, out, {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)})
-        return out
+        def write(out: Path) -> None:
+            self.config.to_json(out / CONFIG_NAME)
+            save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
+            if self.processor is not None:
+                self.processor.save_pretrained(out)
+            if getattr(self, "retrieval_head", None) is not None:
+                from minivlm.retrieval import save_retrieval_head
+
+                prefix = "retrieval_head."
+                head = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+                save_retrieval_head(self, out, head or None)
+
+        return write_directory(directory, write, owned=MODEL_FILES)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
@@ -285,7 +294,7 @@ class VisionLanguageModel(nn.Module):
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{d} is not a minivlm checkpoint: {CONFIG_NAME} is missing")
-        config = VLMConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        config = VLMConfig.from_json(d / CONFIG_NAME)
         model = cls(config)
         state = load_safetensors(d / WEIGHTS_NAME, device=str(map_location))
         model.load_checkpoint_state(state)

@@ -170,12 +170,15 @@ def save_retrieval_head(model: VisionLanguageModel, directory: str | Path, state
     """
     from safetensors.torch import save_file
 
+    from minivlm.io_atomic import atomic_path, atomic_write_json
+
     head = retrieval_head_of(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    (out / HEAD_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(head.config), indent=2) + "\n")
     source = state if state is not None else head.state_dict()
-    save_file({k: v.detach().contiguous().cpu() for k, v in source.items()}, str(out / HEAD_WEIGHTS_NAME))
+    with atomic_path(out / HEAD_WEIGHTS_NAME) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in source.items()}, str(tmp))
+    atomic_write_json(out / HEAD_CONFIG_NAME, dataclasses.asdict(head.config))
     return out
 
 
@@ -197,12 +200,9 @@ def load_retrieval_head(model: VisionLanguageModel, directory: str | Path) -> Re
 
 
 def save_pretrained(model: VisionLanguageModel, directory: str | Path) -> Path:
-    """``model.save_pretrained`` with the retrieval head (if any) in its own files beside the weights."""
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
-    out = model.save_pretrained(directory, state_dict=state)
-    if getattr(model, "retrieval_head", None) is not None:
-        save_retrieval_head(model, out)
-    return out
+    """``model.save_pretrained`` with the retrieval head (if any) in its own files beside the weights
+    (written in the same atomic directory replacement)."""
+    return model.save_pretrained(directory)
 
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> VisionLanguageModel:

@@ -105,6 +105,15 @@ class MissingAssistantTurnError(ChatFormatError):
     """A training sample without an assistant answer would contribute no loss."""
 
 
+class MissingUserTurnError(ChatFormatError):
+    """A conversation rendered without any user message: there is nothing to answer."""
+
+
+class TextEncodingError(ChatFormatError):
+    """Text that is not valid Unicode, e.g. a Latin-1 byte read as UTF-8 with ``surrogateescape``
+    (how Python decodes a command-line argument or stdin line that is not UTF-8)."""
+
+
 # ---- normalised representation --------------------------------------------------------------
 @dataclass(frozen=True)
 class TextPart:
@@ -302,16 +311,22 @@ def _split_placeholders(value: str) -> list[str]:
         rest = rest[pos + len(token) :]
 
 
-def validate_conversation(messages: Sequence[Message], *, for_training: bool = False) -> None:
+def validate_conversation(messages: Sequence[Message], *, for_training: bool = False,
+                          require_user: bool = False) -> None:
     """Check the rules every renderable conversation follows.
 
     * at least one message; a system message only comes first;
+    * text is valid Unicode (:class:`TextEncodingError` names the offending byte);
     * images and videos only in user messages (:class:`MediaNotAllowedError`);
+    * with ``require_user`` (rendering), at least one user message (:class:`MissingUserTurnError`);
     * with ``for_training``, at least one assistant message (:class:`MissingAssistantTurnError`).
     """
     if not messages:
         raise EmptyContentError("the conversation has no messages")
     for index, message in enumerate(messages):
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                check_text_encoding(part.text, f"message #{index} ({message.role})")
         if message.role not in ROLES:
             raise UnknownRoleError(f"message #{index} has role {message.role!r}; expected one of {ROLES}")
         if not message.parts:
@@ -324,11 +339,27 @@ def validate_conversation(messages: Sequence[Message], *, for_training: bool = F
                 f"message #{index} ({message.role}) contains {kinds}; images and videos may only "
                 f"appear in user messages"
             )
+    if require_user and not any(m.role == "user" for m in messages):
+        raise MissingUserTurnError(
+            f"the conversation has no user message (roles {[m.role for m in messages]}); a model answers "
+            f"a user turn: add one")
     if for_training and not any(m.role == "assistant" for m in messages):
         raise MissingAssistantTurnError(
             "a training sample needs at least one assistant message (its answer is what is "
             f"supervised); got roles {[m.role for m in messages]}"
         )
+
+
+def check_text_encoding(text: str, where: str) -> None:
+    """Raise :class:`TextEncodingError` naming the first character of ``text`` that is not valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        what = (f"byte 0x{char - 0xDC00:02x}, which is not UTF-8," if 0xDC80 <= char <= 0xDCFF
+                else f"the lone surrogate U+{char:04X}")
+        raise TextEncodingError(f"{where} text has {what} at character {err.start} "
+                                f"({text[max(0, err.start - 20):err.start]!r} before it); expected UTF-8 text") from None
 
 
 # ---- template (ChatML) -----------------------------------------------------------------------

@@ -331,7 +331,7 @@ class Processor:
         """Template segments with media expanded: ``(segments, views)`` pairs; views is None
         for text and special segments, and the media's ``[n, C, H, W]`` views otherwise."""
         normalized = normalize_messages(messages)
-        validate_conversation(normalized, for_training=for_training)
+        validate_conversation(normalized, for_training=for_training, require_user=True)
         segments = self.template.segments(normalized, add_generation_prompt=add_generation_prompt)
         n_images = sum(isinstance(s, MediaSegment) and isinstance(s.part, ImagePart) for s in segments)
         expanded: list[tuple[list[Segment], Tensor | None]] = []
@@ -401,31 +401,45 @@ class Processor:
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the tokenizer's files and ``processor_config.json`` (this config plus the image
         processor's under ``"image_processor"`` and the template's under ``"chat_template"``)."""
+        from minivlm.io_atomic import atomic_write_json
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
         config = dataclasses.asdict(self.config) | {"image_processor": self.image_processor.to_dict(),
                                                     "chat_template": self.template.to_dict()}
-        (directory / PROCESSOR_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_json(directory / PROCESSOR_CONFIG_FILENAME, config)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Processor":
-        """Load what :meth:`save_pretrained` wrote; unknown config keys are an error."""
+        """Load what :meth:`save_pretrained` wrote; unknown config keys are an error.
+
+        Raises:
+            FileNotFoundError: no ``processor_config.json``.
+            ValueError: it is not JSON, or a value is missing or of the wrong type (the message
+                names the file).
+        """
         directory = Path(directory)
         path = directory / PROCESSOR_CONFIG_FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"no {PROCESSOR_CONFIG_FILENAME} in {directory}")
-        config = json.loads(path.read_text())
-        if "image_processor" not in config:
+        try:
+            config = json.loads(path.read_bytes().decode())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(config, dict) or not isinstance(config.get("image_processor"), dict):
             raise ValueError(f"{path} has no 'image_processor' section")
-        image_processor = image_processor_from_dict(config.pop("image_processor"))
-        template = template_from_dict(config.pop("chat_template", None))
         known = {f.name for f in dataclasses.fields(ProcessorConfig)}
-        unknown = sorted(set(config) - known)
+        unknown = sorted(set(config) - known - {"image_processor", "chat_template"})
         if unknown:
             raise ValueError(f"{path} has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        settings = ProcessorConfig(**config)
+        try:
+            image_processor = image_processor_from_dict(config.pop("image_processor"))
+            template = template_from_dict(config.pop("chat_template", None))
+            settings = ProcessorConfig(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
         return cls(
             load_tokenizer(directory),
             image_processor,
