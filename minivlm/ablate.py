@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from minivlm.config import ConfigError, VLMConfig, apply_overrides, preset
+from minivlm.io_atomic import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -466,8 +467,8 @@ def run_ablation(grid: AblationGrid, out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_dir(grid, out_dir)
-    (out_dir / GRID_FILE).write_text(json.dumps(grid.to_dict(), indent=2) + "\n")
-    (out_dir / BASE_CONFIG_FILE).write_text(grid.base_config().to_json() + "\n")
+    atomic_write_json(out_dir / GRID_FILE, grid.to_dict())
+    atomic_write_text(out_dir / BASE_CONFIG_FILE, grid.base_config().to_json() + "\n")
     plans = plan_runs(grid, out_dir)
     ran, skipped, failed, interrupted = [], [], {}, False
     for index, plan in enumerate(plans, start=1):
@@ -514,7 +515,7 @@ def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -
         write_eval_loss(run_dir, grid.eval_limit or DEFAULT_EVAL_LOSS_SAMPLES)
     except Exception as err:  # a failed variant must not end the sweep: record it and go on
         return "failed", _record_failure(run_dir, f"{type(err).__name__}: {err}", traceback.format_exc())
-    (run_dir / RUN_INFO_FILE).write_text(json.dumps({
+    atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps({
         "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_description(),
         # Of this invocation only: a resumed run's earlier part is not included.
         "wall_seconds": round(time.perf_counter() - started, 1)}) + "\n")
@@ -525,7 +526,7 @@ def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -
 
 def _record_failure(run_dir: Path, message: str, trace: str | None) -> str:
     log.error("%s failed: %s", run_dir, message)
-    (run_dir / ERROR_FILE).write_text(json.dumps({"error": message, "traceback": trace}, indent=2) + "\n")
+    atomic_write_json(run_dir / ERROR_FILE, {"error": message, "traceback": trace})
     return message
 
 
@@ -561,7 +562,7 @@ def write_eval_loss(run_dir: Path, limit: int) -> float:
                 loss_sum += float(out.loss_sum)
                 n_tokens += int(out.n_supervised)
     loss = loss_sum / max(n_tokens, 1)
-    (run_dir / EVAL_LOSS_FILE).write_text(json.dumps({"eval_loss": loss, "supervised_tokens": n_tokens}) + "\n")
+    atomic_write_text(run_dir / EVAL_LOSS_FILE, json.dumps({"eval_loss": loss, "supervised_tokens": n_tokens}) + "\n")
     return loss
 
 
@@ -721,9 +722,10 @@ def write_report(grid: AblationGrid, out_dir: str | Path) -> dict[str, Path]:
         "loss_curves": out_dir / "loss_curves.png",
         "metrics": out_dir / "metrics.png",
     }
-    paths["results_md"].write_text(results_markdown(grid, summaries))
-    loss_curves_figure(summaries).savefig(paths["loss_curves"], dpi=110)
-    metric_bars_figure(summaries).savefig(paths["metrics"], dpi=110)
+    atomic_write_text(paths["results_md"], results_markdown(grid, summaries))
+    for key, figure in (("loss_curves", loss_curves_figure(summaries)), ("metrics", metric_bars_figure(summaries))):
+        with atomic_path(paths[key]) as tmp:
+            figure.savefig(tmp, dpi=110, format="png")
     return paths
 
 
@@ -731,7 +733,7 @@ def _write_runs_csv(summaries: Sequence[VariantSummary], path: Path) -> Path:
     metrics = sorted({k for s in summaries for r in s.runs for k in r.metrics})
     fields = ["variant", "seed", "status", "steps", "tokens_per_s", "final_loss", "eval_loss"]
     info = ["finished", "wall_seconds", "machine"]
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*fields, *metrics, *info, "error"])
         writer.writeheader()
         for s in summaries:
@@ -758,7 +760,7 @@ def _write_results_csv(grid: AblationGrid, summaries: Sequence[VariantSummary], 
     for name, _ in stats:
         columns += [f"{name}_mean", f"{name}_std"]
     columns.append("errors")
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for s in summaries:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value or combination; the message names the field."""
+from minivlm.config_types import ConfigError, check_value, parse_value
 
 
 def require(condition: bool, name: str, message: str) -> None:
@@ -62,6 +59,8 @@ class EncoderConfig:
     patch_bias: bool = True
     stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
     pos_embed: str = "learned"  # learned | sincos2d (fixed 2-D sin-cos; Beyer et al. 2022)
+    pos_index: str = "grid"  # row a patch reads: grid (row-major) | idefics3 (transformers' bucketised coordinates)
+    drop_remainder: bool = False  # image_size need not be a multiple of patch_size: the last pixels are unread (SigLIP 384/14)
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     normalization: str = "clip"  # image mean/std family: clip | siglip | imagenet
@@ -188,6 +187,7 @@ class DataConfig:
     packing: bool = False
     num_workers: int = 0
     video_frames: int = 4
+    strict: bool = False  # a bad record in a data file or an over-long sample is an error, not skipped/truncated
 
     @property
     def curriculum_phases(self) -> list[tuple[str, int]]:
@@ -234,7 +234,6 @@ class VLMConfig:
         Each registered part checks its own fields and derived shapes (tokens per image) come from
         the parts too: :func:`minivlm.registry.validate_config` runs this and every part's check.
         """
-
         for part in ("encoder", "projector", "fusion", "decoder"):
             cfg = getattr(self, part)
             for fld in dataclasses.fields(cfg):
@@ -243,16 +242,16 @@ class VLMConfig:
                     require(v > 0, f"{part}.{fld.name}", f"must be positive, got {v}")
         d = self.decoder
         require(0 <= self.image_token_id < d.vocab_size, "image_token_id",
-             f"{self.image_token_id} is outside the vocabulary [0, {d.vocab_size})")
+                f"{self.image_token_id} is outside the vocabulary [0, {d.vocab_size})")
         t = self.train
         require(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
-             f"expected auto | fp32 | bf16 | fp16, got {t.precision!r}")
+                f"expected auto | fp32 | bf16 | fp16, got {t.precision!r}")
         require(t.schedule in ("cosine", "linear", "constant"), "train.schedule",
-             f"expected cosine | linear | constant, got {t.schedule!r}")
+                f"expected cosine | linear | constant, got {t.schedule!r}")
         require(t.loss_weighting in ("token", "sample", "square"), "train.loss_weighting",
-             f"expected token | sample | square, got {t.loss_weighting!r}")
+                f"expected token | sample | square, got {t.loss_weighting!r}")
         require(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
-             f"expected resize | letterbox | crop, got {self.data.resize!r}")
+                f"expected resize | letterbox | crop, got {self.data.resize!r}")
         try:
             self.data.curriculum_phases
         except ValueError as err:
@@ -266,7 +265,9 @@ class VLMConfig:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            from minivlm.io_atomic import atomic_write_text
+
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
@@ -275,10 +276,19 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "VLMConfig":
-        """From a JSON file path, or from JSON text (anything starting with ``{``)."""
+        """From a JSON file path, or from JSON text (anything starting with ``{``).
+
+        Raises:
+            ConfigError: not JSON, not UTF-8, or a field of the wrong type; names the file.
+        """
         is_text = isinstance(path_or_text, str) and path_or_text.lstrip().startswith("{")
-        text = path_or_text if is_text else Path(path_or_text).read_text()
-        return cls.from_dict(json.loads(text))
+        where = "config JSON" if is_text else str(path_or_text)
+        try:
+            return cls.from_dict(json.loads(path_or_text if is_text else Path(path_or_text).read_bytes().decode()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{where} is not valid JSON: {err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
     def override(self, *assignments: str) -> "VLMConfig":
         """A copy with dotted ``key=value`` assignments applied (see :func:`apply_overrides`)."""
@@ -298,46 +308,11 @@ def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
         t = hints[k]
         if dataclasses.is_dataclass(t):
             kwargs[k] = _from_dict(t, v, f"{where}{k}.")
-        elif _origin(t) is tuple and isinstance(v, list):
-            kwargs[k] = tuple(v)
+        elif f"{where}{k}" == "data.curriculum_steps" and isinstance(v, int):
+            kwargs[k] = str(v)  # configs saved before curriculum phases hold an int
         else:
-            kwargs[k] = v
+            kwargs[k] = check_value(v, t, f"{where}{k}")
     return cls(**kwargs)
-
-
-def _origin(t: Any) -> Any:
-    return typing.get_origin(t)
-
-
-def _parse_value(raw: str, t: Any, name: str) -> Any:
-    """Parse a command-line string into the field's annotated type."""
-    args = typing.get_args(t)
-    if _origin(t) in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null"):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _parse_value(raw, inner[0], name)
-    if t is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{name}: expected true/false, got {raw!r}")
-    if t in (int, float):
-        try:
-            return t(raw)
-        except ValueError:
-            raise ConfigError(f"{name}: expected {t.__name__}, got {raw!r}") from None
-    if t is str:
-        return raw
-    if _origin(t) in (tuple, list, dict):
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{name}: expected JSON for a {_origin(t).__name__}, got {raw!r}") from None
-        return tuple(value) if _origin(t) is tuple else value
-    raise ConfigError(f"{name}: cannot parse a value of type {t}")
 
 
 def apply_overrides(cfg: VLMConfig, assignments: list[str]) -> VLMConfig:
@@ -364,7 +339,7 @@ def apply_overrides(cfg: VLMConfig, assignments: list[str]) -> VLMConfig:
         target_type = typing.get_type_hints(type(obj))[last]
         if dataclasses.is_dataclass(target_type):
             obj, last, target_type = getattr(obj, last), "kind", str
-        setattr(obj, last, _parse_value(raw.strip(), target_type, key))
+        setattr(obj, last, parse_value(raw.strip(), target_type, key))
     return cfg
 
 

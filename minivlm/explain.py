@@ -239,9 +239,12 @@ class Explanation:
 
     def save(self, path: str | Path) -> Path:
         """Write the figure as PNG; returns the path."""
+        from minivlm.io_atomic import atomic_path
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure().savefig(path, dpi=130)
+        with atomic_path(path) as tmp:
+            self.figure().savefig(tmp, dpi=130, format="png")
         return path
 
 

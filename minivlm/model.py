@@ -9,7 +9,6 @@ The LLaVA-style composition (Liu et al. 2023): each part is chosen by exact regi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,14 @@ from minivlm.layers.init import init_linear_
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.fusion.base import check_placeholders
 from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS, image_seq_len, validate_config
-from minivlm.retrieval_head import RetrievalConfig, RetrievalHead, load_head_files, save_head_files
+from minivlm.retrieval_head import (
+    HEAD_CONFIG_NAME,
+    HEAD_WEIGHTS_NAME,
+    RetrievalConfig,
+    RetrievalHead,
+    load_head_files,
+    save_head_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,9 @@ IGNORE_INDEX = -100
 PARTS = ("encoder", "projector", "fusion", "decoder")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 _HEAD_PREFIX = "retrieval_head."
+#: What :meth:`VisionLanguageModel.save_pretrained` writes (with the processor and retrieval head).
+MODEL_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, "processor_config.json", "tokenizer.model",
+                         HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME})
 
 
 @dataclass
@@ -260,15 +269,17 @@ class VisionLanguageModel(nn.Module):
         """Shapes and combinations only: Python-level, nothing read from the device."""
         self._check_ids_shape(input_ids)
         B, T = input_ids.shape
+        if branch_ids is not None and (cache is not None or tuple(branch_ids.shape) != (B, T)):
+            raise ValueError(f"branch_ids must be [B, T] = [{B}, {T}] and used without a KV cache; "
+                             f"got {list(branch_ids.shape)}{' with a cache' if cache is not None else ''}")
         for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids),
-                            ("document_ids", document_ids), ("branch_ids", branch_ids), ("labels", labels)):
+                            ("document_ids", document_ids), ("labels", labels)):
             if value is not None and tuple(value.shape) != (B, T):
                 raise ValueError(f"{name} must match input_ids [B, T] = [{B}, {T}]; got {list(value.shape)}")
         if loss_weights is not None and (labels is None or loss_weights.shape != labels.shape):
             raise ValueError(f"loss_weights must match labels {list(input_ids.shape)}; got {list(loss_weights.shape)}")
-        if cache is not None and (document_ids is not None or branch_ids is not None):
-            raise ValueError("document_ids and branch_ids describe packed training rows; they are not used with a "
-                             "KV cache")
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids describe packed training rows; they are not used with a KV cache")
         if branch_ids is not None and position_ids is None:
             raise ValueError("branch_ids need position_ids: each branch continues the prefix's positions")
 
@@ -320,24 +331,30 @@ class VisionLanguageModel(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` (+ the processor's files when attached).
 
         ``state_dict`` overrides the module's own (a full state gathered from FSDP shards).
+        The model files are replaced as a whole (:func:`minivlm.io_atomic.write_directory`): a
+        crash or a full disk at any moment leaves the previous model loadable; other files in
+        ``directory`` are kept.
         """
         from safetensors.torch import save_file
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(out / CONFIG_NAME)
+        from minivlm.io_atomic import write_directory
+
         tied = self._tied_keys()
         source = state_dict if state_dict is not None else self.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in source.items()
                  if k not in tied and not k.startswith(_HEAD_PREFIX)}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
-        if self.processor is not None:
-            self.processor.save_pretrained(out)
         head = getattr(self, "retrieval_head", None)
-        if head is not None:  # its own files: model.safetensors is the same with or without one
-            save_head_files(head, out, {k[len(_HEAD_PREFIX):]: v for k, v in source.items()
-                                        if k.startswith(_HEAD_PREFIX)})
-        return out
+        head_state = {k[len(_HEAD_PREFIX):]: v for k, v in source.items() if k.startswith(_HEAD_PREFIX)}
+
+        def write(out: Path) -> None:
+            self.config.to_json(out / CONFIG_NAME)
+            save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "minivlm_config": self.config.name})
+            if self.processor is not None:
+                self.processor.save_pretrained(out)
+            if head is not None:  # its own files: model.safetensors is the same with or without one
+                save_head_files(head, out, head_state or None)
+
+        return write_directory(directory, write, owned=MODEL_FILES)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
@@ -347,7 +364,7 @@ class VisionLanguageModel(nn.Module):
         d = Path(directory)
         if not (d / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{d} is not a minivlm checkpoint: {CONFIG_NAME} is missing")
-        config = VLMConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+        config = VLMConfig.from_json(d / CONFIG_NAME)
         model = cls(config)
         state = load_safetensors(d / WEIGHTS_NAME, device=str(map_location))
         model.load_checkpoint_state(state)

@@ -67,7 +67,8 @@ def retrieval_head_of(model: VisionLanguageModel) -> RetrievalHead:
 
 
 def save_pretrained(model: VisionLanguageModel, directory: str | Path) -> Path:
-    """``model.save_pretrained(directory)``: the head, if any, is saved with the model."""
+    """``model.save_pretrained(directory)``: the head, if any, is saved with the model, in its own files
+    beside the weights (written in the same atomic directory replacement)."""
     return model.save_pretrained(directory)
 
 

@@ -131,10 +131,14 @@ def save_head_files(head: RetrievalHead, directory: str | Path, state: dict[str,
     """
     from safetensors.torch import save_file
 
+    from minivlm.io_atomic import atomic_path, atomic_write_json
+
     out = Path(directory)
-    (out / HEAD_CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(head.config), indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
     source = state if state is not None else head.state_dict()
-    save_file({k: v.detach().contiguous().cpu() for k, v in source.items()}, str(out / HEAD_WEIGHTS_NAME))
+    with atomic_path(out / HEAD_WEIGHTS_NAME) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in source.items()}, str(tmp))
+    atomic_write_json(out / HEAD_CONFIG_NAME, dataclasses.asdict(head.config))
 
 
 def load_head_files(directory: str | Path, image_dim: int, text_dim: int,

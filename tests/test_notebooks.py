@@ -13,8 +13,8 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
-    assert {p.stem for p in NOTEBOOKS} == {"architecture", "train_tiny_vlm", "vlm_usage", "ablation"}
+def test_the_five_notebooks_exist():
+    assert {p.stem for p in NOTEBOOKS} == {"architecture", "train_tiny_vlm", "vlm_usage", "ablation", "smolvlm_usage"}
 
 
 @pytest.mark.slow

@@ -10,11 +10,12 @@ import argparse
 import importlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
-from minivlm.config import PRESETS, ConfigError, VLMConfig, preset
+from minivlm.config import PRESETS, VLMConfig, preset
 
 
 def _load_config(spec: str) -> VLMConfig:
@@ -66,21 +67,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_assignments(args: argparse.Namespace) -> list[str]:
+    """The config settings this ``minivlm train`` command line gives explicitly, as overrides."""
+    assignments = list(args.overrides)
+    for flag, key in ((args.data, "data.mixture"), (args.steps, "train.steps"), (args.seed, "train.seed")):
+        if flag is not None:
+            assignments.append(f"{key}={flag}")
+    return assignments
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from minivlm.cli.errors import EXIT_FAILED, interrupted_exit_code
     from minivlm.registry import validate_config
     from minivlm.train.recipe import run
 
-    cfg = preset(args.preset).override(*args.overrides)
-    if args.data:
-        cfg.data.mixture = args.data
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    if args.seed is not None:
-        cfg.train.seed = args.seed
+    base = args.model
+    if base and not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {base}: not a checkpoint directory (no config.json)")
+    assignments = train_assignments(args)
+    cfg = (_load_config(base) if base else preset(args.preset or "tiny")).override(*assignments)
     validate_config(cfg)
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or cfg.name)
-    out = run(cfg, run_dir, resume=args.resume, max_minutes=args.max_minutes, eval_limit=args.eval_limit,
-              progress=not args.no_progress)
+    explicit = assignments + ([f"name={cfg.name}"] if args.preset else [])  # --preset must match on --resume
+    out = run(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, overrides=explicit,
+              max_minutes=args.max_minutes, eval_limit=args.eval_limit, progress=not args.no_progress, base=base)
+    if out.status == "interrupted":
+        name = signal.Signals(out.stop_signal).name if out.stop_signal else "a signal"
+        print(f"\ntraining interrupted by {name} at step {out.steps}; a checkpoint was saved in {run_dir}: "
+              f"run the same command with --resume to continue", file=sys.stderr)
+        return interrupted_exit_code(out.stop_signal)
+    if out.status == "nonfinite":
+        print(f"minivlm train: error: training failed: {out.skipped_steps} steps were skipped for a non-finite "
+              f"loss or gradient; {out.model_dir} was not written (lower train.lr, or use train.precision=bf16 "
+              f"or fp32)", file=sys.stderr)
+        return EXIT_FAILED
     if out.report is not None:
         print(f"\ntrained {out.steps} steps in {out.train_seconds:.0f} s ({out.status}); "
               f"evaluated in {out.eval_seconds:.0f} s\n")
@@ -90,17 +110,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         for p in preds[:: max(1, len(preds) // 40)][:8]:  # the spread eval.json keeps
             mark = "" if p.correct is None else ("  ok" if p.correct else "  WRONG")
             print(f"  [{p.task}] {p.question!r} -> {p.prediction!r} (expected {p.answer!r}){mark}")
+    if out.not_evaluated:
+        print(f"\nnot evaluated: {', '.join(out.not_evaluated)} (file data has no test split; score a held-out "
+              f"file with: minivlm eval --model {out.model_dir} --data jsonl:TEST.jsonl)")
     print(f"\nmodel: {out.model_dir}\nrun:   {run_dir} (metrics.jsonl, loss.png, eval.json)")
-    return 0
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    from minivlm.interop.convert import import_checkpoint
-
-    opts = {k: v for k, v in (("model_name", args.model_name), ("image_size", args.image_size),
-                              ("normalization", args.normalization)) if v is not None}
-    out = import_checkpoint(args.kind, args.src, args.out, **opts)
-    print(f"wrote {out}")
     return 0
 
 
@@ -118,12 +131,14 @@ COMMAND_MODULES: tuple[str, ...] = (
     "minivlm.cli.chat",
     "minivlm.cli.evaluate",
     "minivlm.cli.retrieve",
+    "minivlm.cli.import_",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minivlm", description="A from-scratch modular vision-language model library.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (and debug logging)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("summary", help="parameters, FLOPs and image tokens per part")
@@ -135,28 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (default: tiny preset on the embedded data mixture)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.lr=1e-3 projector=mlp")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=sorted(PRESETS), help="model and recipe preset (default: tiny)")
+    source.add_argument("--model", metavar="DIR", help="fine-tune this checkpoint (e.g. from `minivlm import`) "
+                                                       "instead of a preset; overrides and train.lora_rank=N apply")
     p.add_argument("--data", help="mixture spec, e.g. easy_vqa:0.5,shapes:0.3,charts:0.2")
     p.add_argument("--out", help="run directory (default runs/<name>)")
     p.add_argument("--name", help="run name under runs/")
     p.add_argument("--steps", type=int)
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue the run of the directory from its newest intact checkpoint")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="delete the run files already in the directory (checkpoints, model, metrics) first")
     p.add_argument("--eval-limit", type=int, help="score at most this many test samples per task")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
-
-    from minivlm.interop.convert import IMPORT_KINDS
-
-    p = sub.add_parser("import", help="convert timm / open_clip / HF Llama / LLaVA weights into a minivlm directory")
-    p.add_argument("kind", choices=sorted(IMPORT_KINDS))
-    p.add_argument("src", help="a model name (timm, open_clip) or a directory (hf-llama, llava)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model-name", help="open_clip: the model config name when SRC is a weights file")
-    p.add_argument("--image-size", type=int, help="encoder input size (resamples position embeddings)")
-    p.add_argument("--normalization", choices=["clip", "siglip", "imagenet"])
-    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("plot", help="draw a run's loss curve")
     p.add_argument("run_dir")
@@ -174,13 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and an exit code (:mod:`minivlm.cli.errors`)."""
+    from minivlm.cli.errors import run_guarded
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"minivlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose or args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run_guarded(args.command, args.func, args, debug=args.debug)
 
 
 if __name__ == "__main__":

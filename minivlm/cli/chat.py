@@ -4,7 +4,8 @@
     minivlm chat --model runs/tiny/model --image a.png --image b.png      # interactive session
 
 Without a question it reads one question per line from stdin until EOF or ``exit``; every turn
-sees the earlier turns and the images given on the command line.
+sees the earlier turns and the images given on the command line. A line that is not UTF-8 is
+reported and skipped (the session goes on; the exit code is then 2).
 """
 
 from __future__ import annotations
@@ -36,10 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from minivlm.cli.errors import EXIT_BAD_INPUT
     from minivlm.generate import ChatSession, generation_config
+    from minivlm.text.chat import ChatFormatError, check_text_encoding
     from minivlm.vision import load_image, load_video
 
     # Everything the user typed is checked before the model is even loaded.
+    for text, what in ((args.question, "the question"), (args.system, "--system")):
+        if text is not None:
+            check_text_encoding(text, what)
     config = generation_config(**generation_options(args))
     images = [load_image(path) for path in args.image]
     if args.video is not None:
@@ -50,21 +56,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _answer(session, args.question, images, args.video, args)
         return 0
     interactive = sys.stdin.isatty()
-    first_turn = True
+    if hasattr(sys.stdin, "reconfigure"):  # a non-UTF-8 byte then fails one line, not the session
+        sys.stdin.reconfigure(errors="surrogateescape")
+    first_turn, exit_code, number = True, 0, 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
         line = sys.stdin.readline()
+        number += 1
         if not line or line.strip().lower() in EXIT_WORDS:
-            return 0
+            return exit_code
         if not line.strip():
             continue
         # The media belong to the first turn; later turns still see them in the conversation.
         try:
+            check_text_encoding(line.strip(), f"stdin line {number}")
             _answer(session, line.strip(), images if first_turn else [], args.video if first_turn else None, args)
         except KeyboardInterrupt:
             # Ctrl-C stops this answer only; the unfinished turn is not kept (ChatSession.ask_stream).
             print("\n(interrupted)", file=sys.stderr, flush=True)
+            continue
+        except ChatFormatError as err:  # this line only (e.g. not UTF-8): the session goes on
+            print(f"minivlm chat: error: {err}", file=sys.stderr, flush=True)
+            exit_code = EXIT_BAD_INPUT
             continue
         first_turn = False
 

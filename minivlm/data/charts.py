@@ -149,6 +149,11 @@ def seed_chart_image(image_size: int = 64) -> Image.Image:
     return render_chart(SEED_CHART, image_size)
 
 
+def chart_table(chart: BarChart) -> str:
+    """The chart's data in reading order: ``"A 25, B 42, C 31, D 12"``."""
+    return ", ".join(f"{label} {value}" for label, value in zip(chart.labels, chart.values))
+
+
 def _extreme_gap(value: int) -> int:
     """How far other bars stay from an extreme ``value``: visible by eye, not only by label."""
     return max(MIN_VALUE_GAP, round(0.1 * value))
@@ -201,7 +206,10 @@ class ChartsDataset(SyntheticDataset):
         """Every question with one unambiguous answer on ``chart``: ``(type, question, answer)``.
 
         The highest and lowest values and every bar's value always; the tallest (shortest) bar only
-        when it stands out by the gap this task's own tallest (shortest) questions guarantee.
+        when it stands out by the gap this task's own tallest (shortest) questions guarantee. Also,
+        for training only (no test question has this type), the whole chart read out as a table,
+        ``"A 25, B 42, C 31"``: chart derendering as in DePlot / Pix2Struct (Liu et al. 2023, Lee
+        et al. 2023), every label supervised in reading order, which is where reading starts.
         """
         values, labels = chart.values, chart.labels
         top, bottom = max(values), min(values)
@@ -215,7 +223,8 @@ class ChartsDataset(SyntheticDataset):
             found.append(("shortest", "Which bar is the shortest?", labels[values.index(bottom)]))
         found += [("bar_value", f"What is the value of bar {label}?", str(value))
                   for label, value in zip(labels, values)]
-        return [q for q in found if q[0] in self.question_types]
+        found = [q for q in found if q[0] in self.question_types]
+        return [("table", "Read the bar chart as a table.", chart_table(chart)), *found]
 
     @staticmethod
     def _values(rng: random.Random, question_type: str, n_bars: int, target: int) -> list[int]:

@@ -43,6 +43,7 @@ class DatasetRequest:
     image_size: int
     length: int | None = None
     path: str | None = None
+    strict: bool = False  # file datasets: the first bad record raises instead of being skipped
 
 
 DatasetFactory = Callable[[DatasetRequest], Dataset]
@@ -152,7 +153,8 @@ def _parse_weight(name: str, text: str) -> float:
 
 
 def build_dataset(
-    spec: str, split: str = "train", seed: int = 0, image_size: int = 64, length: int | None = None
+    spec: str, split: str = "train", seed: int = 0, image_size: int = 64, length: int | None = None,
+    strict: bool = False,
 ) -> Dataset:
     """Build the dataset (or weighted :class:`Mixture`) described by ``spec``.
 
@@ -163,23 +165,25 @@ def build_dataset(
         seed: seeds synthetic rendering and the mixture's draws.
         image_size: side of synthetic images (easy-VQA and files keep their own sizes).
         length: number of samples; None: each dataset's own length (mixtures: the sum).
+        strict: file datasets raise :class:`~minivlm.data.sample.DataError` on their first bad
+            record instead of skipping it (``data.strict``).
     """
     sources = parse_spec(spec)
     if len(sources) == 1:
         (source,) = sources
-        dataset = _build_source(source, split, seed, image_size, length)
+        dataset = _build_source(source, split, seed, image_size, length, strict)
         if length is None or len(dataset) == length:
             return dataset
         return Mixture({source.label: dataset}, length=length, seed=seed)
-    datasets = {s.label: _build_source(s, split, seed, image_size, None) for s in sources}
+    datasets = {s.label: _build_source(s, split, seed, image_size, None, strict) for s in sources}
     weights = {s.label: s.weight for s in sources} if sources[0].weight is not None else None
     return Mixture(datasets, weights=weights, length=length, seed=seed)
 
 
 def _build_source(
-    source: SourceSpec, split: str, seed: int, image_size: int, length: int | None
+    source: SourceSpec, split: str, seed: int, image_size: int, length: int | None, strict: bool = False
 ) -> Dataset:
-    request = DatasetRequest(split, seed, image_size, length, source.path)
+    request = DatasetRequest(split, seed, image_size, length, source.path, strict)
     return _REGISTRY[source.name].factory(request)
 
 
@@ -203,5 +207,5 @@ register_dataset("video", _synthetic(VideoDataset))
 register_dataset("retrieval", _synthetic(RetrievalDataset))
 for _task in (ShapesDataset, ChartsDataset, MultiImageDataset):
     register_dataset(f"{_task.task}_grouped", lambda request, task=_task: GroupedQuestions(_synthetic(task)(request)))
-register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path), takes_path=True)
-register_dataset("llava", lambda request: LlavaJsonDataset(request.path), takes_path=True)
+register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path, strict=request.strict), takes_path=True)
+register_dataset("llava", lambda request: LlavaJsonDataset(request.path, strict=request.strict), takes_path=True)

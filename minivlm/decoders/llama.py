@@ -26,8 +26,9 @@ LayerHook = Callable[[int, Tensor], Tensor]
 
 
 class DecoderAttention(nn.Module):
-    """Grouped-query self-attention with RoPE: ``[B * T, D] -> [B * T, D]`` (tokens flattened, so
-    the projections are plain 2-D matmuls), attending as ``[B, H, T, Dh]``."""
+    """Grouped-query self-attention with RoPE: ``[B, T, D]`` or, as the decoder runs it, tokens
+    flattened ``[B * T, D]`` (the projections are then plain 2-D matmuls) -> the same shape;
+    attention runs as ``[B, H, T, Dh]``."""
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -41,7 +42,7 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
                 cache: StaticKVCache | None = None) -> Tensor:
-        """``x [B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``."""
+        """``x [B, T, D]`` or ``[B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``."""
         B, T = rope[0].shape[0], rope[0].shape[2]
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -50,7 +51,7 @@ class DecoderAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask, backend=self.attention_backend)
-        return self.o(out.transpose(1, 2).reshape(B * T, -1))
+        return self.o(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
 class DecoderLayer(nn.Module):

@@ -156,6 +156,22 @@ def sincos_2d_pos_embed(grid: tuple[int, int], dim: int, temperature: float = 10
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
 
 
+def idefics3_position_index(side: int) -> Tensor:
+    """``[side * side]``: the position-table row of each patch of a full ``side x side`` grid as
+    transformers' ``Idefics3VisionEmbeddings`` computes it.
+
+    Patch ``i`` of an axis sits at the fractional coordinate ``i * (1 / side)`` (float32) and is
+    bucketised against ``arange(1 / side, 1, 1 / side)``; float rounding puts some coordinates
+    one bucket low, so for e.g. ``side = 27`` (SmolVLM) a few rows are read twice and others never.
+    Checkpoints were trained with it, so parity needs it.
+    """
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    step = 1.0 / torch.tensor([side])
+    coords = (torch.arange(side, dtype=torch.float32) * step).clamp(max=1.0 - 1e-6)
+    buckets = torch.bucketize(coords, boundaries, right=True)
+    return (buckets[:, None] * side + buckets[None, :]).reshape(-1)
+
+
 def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], n_prefix: int, old_grid: tuple[int, int] | None = None) -> Tensor:
     """Bicubically resample learned position embeddings to another patch grid.
 
@@ -202,6 +218,8 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", self._sincos((cfg.grid_size, cfg.grid_size)), persistent=False)
         else:
             self.pos_embed = nn.Parameter(torch.randn(1, self.n_prefix + cfg.n_patches, D) * 0.02)
+        index = idefics3_position_index(cfg.grid_size) if cfg.pos_index == "idefics3" else None
+        self.register_buffer("pos_index", index, persistent=False)
         self.ln_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
@@ -213,8 +231,9 @@ class VisionTransformer(nn.Module):
     def check_config(cls, config: VLMConfig) -> None:
         """Raise :class:`~minivlm.config.ConfigError` naming the first invalid ``encoder.*`` field."""
         e = config.encoder
-        require(e.image_size % e.patch_size == 0, "encoder.image_size",
-                f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size}")
+        require(e.image_size % e.patch_size == 0 or (e.drop_remainder and e.stem == "patch"), "encoder.image_size",
+                f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size} (encoder.drop_remainder=true "
+                f"lets the patch conv leave the last pixels unread)")
         require(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
         require(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
                 f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
@@ -229,6 +248,9 @@ class VisionTransformer(nn.Module):
                 f"expected learned | sincos2d, got {e.pos_embed!r}")
         require(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
                 f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
+        require(e.pos_index in ("grid", "idefics3"), "encoder.pos_index", f"expected grid | idefics3, got {e.pos_index!r}")
+        require(e.pos_index == "grid" or (e.pos_embed == "learned" and not e.class_token), "encoder.pos_index",
+                "idefics3 indexes a learned table of patch positions: needs pos_embed=learned and no class token")
         require(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
                 f"expected none | cls | mean | map, got {e.pooling!r}")
         require(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")
@@ -258,7 +280,7 @@ class VisionTransformer(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != c.pixel_channels:
             stacked = f" ({c.temporal_patch_size} frames of {c.in_channels})" if c.temporal_patch_size > 1 else ""
             raise ValueError(f"pixel values must be [N, {c.pixel_channels}{stacked}, H, W]; got {tuple(pixels.shape)}")
-        if pixels.shape[2] % p or pixels.shape[3] % p:
+        if (pixels.shape[2] % p or pixels.shape[3] % p) and not c.drop_remainder:
             raise ValueError(f"image height and width must be multiples of the patch size {p}; got {tuple(pixels.shape[2:])}")
 
     def embed(self, pixels: Tensor) -> Tensor:
@@ -270,6 +292,8 @@ class VisionTransformer(nn.Module):
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)
         pos = self.pos_embed
+        if self.pos_index is not None and grid == (self.cfg.grid_size, self.cfg.grid_size):
+            pos = pos[:, self.pos_index]
         if grid != (self.cfg.grid_size, self.cfg.grid_size) and self.cfg.pos_embed == "sincos2d":
             pos = self._sincos(grid).to(pos.device)  # fixed embeddings are defined on any grid
         elif grid != (self.cfg.grid_size, self.cfg.grid_size):

@@ -78,7 +78,8 @@ def chat_stream(model, messages: Messages, *, processor=None, config: Generation
     config = generation_config(config, **options)
     processor = processor_of(model, processor)
     batch = _render(model, [messages], processor)
-    tokens = stream_tokens(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), config)
+    tokens = stream_tokens(model, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), config,
+                           len(processor.tokenizer))
     return _stream_text(tokens, processor.tokenizer, config)
 
 

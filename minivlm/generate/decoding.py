@@ -105,13 +105,14 @@ def _describe(value: Any) -> str:
 
 
 def stream_tokens(model, input_ids: Tensor, attention_mask: Tensor | None = None,
-                  pixel_values: Tensor | None = None, config: GenerationConfig | None = None) -> Iterator[Tensor]:
+                  pixel_values: Tensor | None = None, config: GenerationConfig | None = None,
+                  text_vocab: int | None = None) -> Iterator[Tensor]:
     """The next token of every row, ``[B]``, one decode step at a time.
 
     Arguments are checked here, before any compute (:func:`check_prompt`); the model runs as the
     iterator is consumed. Rows keep producing tokens after their end-of-turn token: callers stop
     reading them (:func:`generate`). The cache lives in the iterator, and gradients are disabled
-    only while it computes, never across a ``yield``: abandoning it at any point leaves the model
+    only while it computes (inference mode), never across a ``yield``: abandoning it at any point leaves the model
     and the caller's autograd state as they were.
 
     Args:
@@ -119,14 +120,16 @@ def stream_tokens(model, input_ids: Tensor, attention_mask: Tensor | None = None
         attention_mask: ``[B, T]``, 0 on padding (None: no padding).
         pixel_values: ``[N, C, H, W]`` the views of every placeholder run, in order.
         config: decoding settings.
+        text_vocab: the tokenizer's vocabulary size; ids from it up to the model's (padded)
+            vocabulary are never generated: no tokenizer could decode them.
     """
     config = (config or GenerationConfig()).validate()
     attention_mask = check_prompt(model, input_ids, attention_mask, pixel_values, config)
-    return _decode(model, input_ids, attention_mask, pixel_values, config)
+    return _decode(model, input_ids, attention_mask, pixel_values, config, text_vocab)
 
 
 def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-            config: GenerationConfig) -> Iterator[Tensor]:
+            config: GenerationConfig, text_vocab: int | None = None) -> Iterator[Tensor]:
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if pixel_values is not None:
@@ -151,6 +154,8 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
         # An image placeholder without an image breaks the fusion's bookkeeping: never generate one.
         suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
         suppress[model.config.image_token_id] = True
+        if text_vocab is not None:
+            suppress[text_vocab:] = True  # rows padding a published model's vocabulary have no token
     for index in range(config.max_new_tokens):
         with torch.inference_mode():
             tokens = pick_tokens(process_logits(logits.masked_fill(suppress, float("-inf")), config, seen),
@@ -222,7 +227,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, pix
     config = (config or GenerationConfig()).validate()
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    stream = stream_tokens(model, input_ids, attention_mask, pixel_values, config)
+    stream = stream_tokens(model, input_ids, attention_mask, pixel_values, config,
+                           len(tokenizer) if tokenizer is not None else None)
     B = input_ids.shape[0]
     replies = [ReplyText(tokenizer, config.stop_strings) if tokenizer is not None else None for _ in range(B)]
     tokens: list[list[int]] = [[] for _ in range(B)]

@@ -14,9 +14,15 @@ Nothing foreign is wrapped. Every importer has the same three layers, one module
 This module holds the machinery the families share: :class:`StateMapper` (records what a
 mapping consumed), :class:`MappedState`, :func:`verify_mapped` / :func:`load_mapped`, and the
 errors. :mod:`~minivlm.interop.convert` turns any source into a minivlm checkpoint directory and
-initialises single parts from one (``encoder.init_from=DIR``); :mod:`~minivlm.interop.export`
-writes a decoder back out as a Hugging Face Llama directory; :mod:`~minivlm.interop.vocab`
-grows the vocabulary for added special tokens.
+initialises single parts from one (``encoder.init_from=DIR``); whole VLMs
+(:mod:`~minivlm.interop.idefics3` for SmolVLM, :mod:`~minivlm.interop.llava`,
+:mod:`~minivlm.interop.nanovlm`) become complete checkpoints with the processor that
+:mod:`~minivlm.interop.hf_processor` builds from their own files, and
+:mod:`~minivlm.interop.hf_export` writes them back. :mod:`~minivlm.interop.hub` resolves a hub id
+in the local cache; :mod:`~minivlm.interop.reference` builds small random-weight reference
+checkpoints with transformers; :mod:`~minivlm.interop.export` writes a decoder back out as a
+Hugging Face Llama directory; :mod:`~minivlm.interop.vocab` grows the vocabulary for added
+special tokens.
 
 Files are only read through :mod:`~minivlm.safetensors_io`: safetensors, or
 ``torch.load(weights_only=True)`` for ``.bin``/``.pt``; nothing else is unpickled.

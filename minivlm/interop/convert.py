@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 PART_CONFIG_NAME = "part.json"
 PART_FORMAT, PART_FORMAT_VERSION = "minivlm-part", 1
 TOKENIZER_NAME = "tokenizer.model"
-IMPORT_KINDS = ("timm", "open_clip", "hf-llama", "llava")
+IMPORT_KINDS = ("timm", "open_clip", "hf-llama", "llava", "smolvlm", "nanovlm")
+#: Written beside a whole imported model: which importer read what (and the foreign config, for export).
+SOURCE_NAME = "import_source.json"
 
 #: Per part, config fields that may differ between a checkpoint and the model it initialises:
 #: they choose how the part is *used* (which layer feeds the projector, the context length) or,
@@ -182,22 +186,76 @@ def _import_hf_llama(src: Path, out: Path) -> Path:
     return written
 
 
+def write_staged(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(directory)`` into a temporary directory beside ``out``, then move each file into
+    ``out`` (each an atomic rename): a failure leaves no half-written checkpoint behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
+        out.mkdir(exist_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def write_complete(out: Path, config: VLMConfig, mapped: MappedState, processor: Any, source: dict[str, Any]) -> Path:
+    """A whole model with its processor (tokenizer, image processor, template) and the import record."""
+
+    def write(directory: Path) -> None:
+        write_model(directory, config, mapped, source.get("path", "import"))
+        if processor is not None:
+            processor.save_pretrained(directory)
+        (directory / SOURCE_NAME).write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
+
+    return write_staged(out, write)
+
+
 def _import_llava(src: Path, out: Path) -> Path:
     from minivlm.interop.hf_llama import load_hf_state, read_hf_config
-    from minivlm.interop.llava import map_llava_state, vlm_config_from_llava
+    from minivlm.interop.llava import llava_processor, map_llava_state, vlm_config_from_llava
 
-    config = vlm_config_from_llava(read_hf_config(src))
-    written = write_model(out, config, map_llava_state(load_hf_state(src), config), str(src))
-    _copy_tokenizer(src, written)
-    return written
+    hf = read_hf_config(src)
+    config = vlm_config_from_llava(hf)
+    processor = llava_processor(src, config)  # checked before anything is written
+    if processor is None:
+        log.warning("%s ships no tokenizer: writing the weights only (the checkpoint cannot read text)", src)
+    mapped = map_llava_state(load_hf_state(src), config)
+    return write_complete(out, config, mapped, processor, {"importer": "llava", "path": str(src), "config": hf})
+
+
+def _import_smolvlm(src: Path, out: Path) -> Path:
+    from minivlm.interop.hf_llama import load_hf_state, read_hf_config
+    from minivlm.interop.idefics3 import idefics3_processor, map_idefics3_state, vlm_config_from_idefics3
+
+    hf = read_hf_config(src)
+    config = vlm_config_from_idefics3(hf)
+    processor = idefics3_processor(src, config)
+    mapped = map_idefics3_state(load_hf_state(src), config)
+    return write_complete(out, config, mapped, processor, {"importer": "smolvlm", "path": str(src), "config": hf})
+
+
+def _import_nanovlm(src: Path, out: Path, tokenizer: str | Path | None = None) -> Path:
+    from minivlm.interop.hf_llama import read_hf_config
+    from minivlm.interop.nanovlm import map_nanovlm_state, nanovlm_processor, vlm_config_from_nanovlm
+
+    nano = read_hf_config(src)
+    config = vlm_config_from_nanovlm(nano)
+    processor = nanovlm_processor(nano, config, tokenizer)
+    mapped = map_nanovlm_state(load_safetensors(_first_file(src, ("model.safetensors",))), config)
+    return write_complete(out, config, mapped, processor, {"importer": "nanovlm", "path": str(src), "config": nano})
 
 
 _IMPORTERS: dict[str, Callable[..., Path]] = {
-    "timm": _import_timm, "open_clip": _import_open_clip, "hf-llama": _import_hf_llama, "llava": _import_llava}
+    "timm": _import_timm, "open_clip": _import_open_clip, "hf-llama": _import_hf_llama, "llava": _import_llava,
+    "smolvlm": _import_smolvlm, "nanovlm": _import_nanovlm}
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "timm": ("model_name", "model_args", "image_size", "normalization"),
     "open_clip": ("model_name", "model_cfg", "image_size", "normalization"),
-    "hf-llama": (), "llava": (),
+    "hf-llama": (), "llava": (), "smolvlm": (), "nanovlm": ("tokenizer",),
 }
 
 
@@ -205,12 +263,16 @@ def import_checkpoint(kind: str, src: str | Path, out_dir: str | Path, **opts: A
     """Convert a foreign checkpoint into a minivlm directory (see the module docstring).
 
     Args:
-        kind: ``"timm"`` | ``"open_clip"`` | ``"hf-llama"`` | ``"llava"``.
+        kind: ``"timm"`` | ``"open_clip"`` | ``"hf-llama"`` | ``"llava"`` | ``"smolvlm"`` | ``"nanovlm"``.
         src: ``timm``: a timm Hub directory (``config.json`` + ``model.safetensors``) or a weights
             file with ``model_name=``; ``open_clip``: an open_clip Hub directory
             (``open_clip_config.json`` + ``open_clip_model.safetensors``) or a weights file with
             ``model_name=`` / ``model_cfg=``; ``hf-llama`` / ``llava``: a Hugging Face directory
-            (``config.json`` + one or sharded safetensors, ``tokenizer.model`` copied if present).
+            (``config.json`` + one or sharded safetensors, ``tokenizer.model`` copied if present);
+            ``smolvlm``: an Idefics3 / SmolVLM / SmolVLM2 directory (model + processor files);
+            ``nanovlm``: a nanoVLM ``save_pretrained`` directory (its tokenizer is the hub id in
+            its config, read from the local cache, or ``tokenizer=DIR``). Any SRC may instead be
+            a hub id in the local Hugging Face cache (:mod:`minivlm.interop.hub`).
         out_dir: the directory to write.
         opts: ``timm``: model_name, model_args, image_size, normalization; ``open_clip``:
             model_name, model_cfg, image_size, normalization (``image_size`` builds the encoder for
@@ -218,17 +280,17 @@ def import_checkpoint(kind: str, src: str | Path, out_dir: str | Path, **opts: A
 
     Returns:
         ``out_dir``: a part directory (``timm``, ``open_clip``: the encoder; ``hf-llama``: the
-        decoder) or a full minivlm checkpoint (``llava``).
+        decoder) or a complete minivlm checkpoint with its processor and chat template
+        (``llava``, ``smolvlm``, ``nanovlm``).
     """
     if kind not in _IMPORTERS:
         raise ValueError(f"unknown import kind {kind!r}; expected one of {list(IMPORT_KINDS)}")
     unknown = sorted(set(opts) - set(_OPTIONS[kind]))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {kind!r}; expected some of {list(_OPTIONS[kind])}")
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"import source {src} does not exist")
-    return _IMPORTERS[kind](src, Path(out_dir), **opts)
+    from minivlm.interop.hub import resolve_source
+
+    return _IMPORTERS[kind](resolve_source(kind, src), Path(out_dir), **opts)
 
 
 # ---- reading ------------------------------------------------------------------------------------

@@ -42,7 +42,9 @@ from torch import Tensor
 from minivlm.config import EncoderConfig, FusionConfig, ProjectorConfig, VLMConfig
 from minivlm.interop import MappedState, StateMapper, load_mapped, raise_if_unsupported
 from minivlm.interop.hf_llama import decoder_config_from_hf, load_hf_state, map_hf_llama_into, read_hf_config
+from minivlm.interop.vit_pairs import clip_pairs, import_pairs
 from minivlm.model import VisionLanguageModel
+from minivlm.vision.transforms import CLIP_MEAN, CLIP_STD
 from minivlm.registry import validate_config
 
 #: transformers ``CLIPVisionConfig`` defaults for fields a config.json may leave out.
@@ -180,21 +182,9 @@ def _is_position_ids(t: Tensor) -> bool:
 
 def map_hf_clip_vision_into(mapper: StateMapper, config: EncoderConfig, src: str = "", dst: str = "") -> None:
     """Add the moves for a ``CLIPVisionTransformer`` (keys under ``src``, no ``vision_model.``) to ``mapper``."""
-    mapper.move(f"{src}embeddings.class_embedding", f"{dst}cls_token", lambda t: t.reshape(1, 1, -1))
-    mapper.move(f"{src}embeddings.patch_embedding.weight", f"{dst}patch_embed.weight")
-    mapper.move(f"{src}embeddings.position_embedding.weight", f"{dst}pos_embed", lambda t: t.unsqueeze(0))
+    import_pairs(mapper, clip_pairs(config.depth, src, dst))
     # transformers < 4.31 persisted the arange position_ids buffer.
     mapper.skip(f"{src}embeddings.position_ids", "an arange buffer", _is_position_ids)
-    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("norm", "post_layernorm")):  # sic: "layrnorm"
-        mapper.move(f"{src}{theirs}.weight", f"{dst}{ours}.weight")
-        mapper.move(f"{src}{theirs}.bias", f"{dst}{ours}.bias")
-    for i in range(config.depth):
-        s, d = f"{src}encoder.layers.{i}.", f"{dst}blocks.{i}."
-        for p in ("weight", "bias"):
-            mapper.fuse([f"{s}self_attn.{x}_proj.{p}" for x in "qkv"], f"{d}attn.qkv.{p}")
-            for theirs, ours in (("self_attn.out_proj", "attn.proj"), ("layer_norm1", "norm1"),
-                                 ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                mapper.move(f"{s}{theirs}.{p}", f"{d}{ours}.{p}")
 
 
 def map_llava_state(state: Mapping[str, Tensor], config: VLMConfig) -> MappedState:
@@ -222,3 +212,49 @@ def model_from_llava(directory: str | Path) -> VisionLanguageModel:
     """A ``VisionLanguageModel`` built from a Hugging Face LLaVA checkpoint directory, with its weights."""
     model = VisionLanguageModel(vlm_config_from_llava(read_hf_config(directory)))
     return load_llava(model, load_hf_state(directory), str(directory))
+
+
+def llava_processor(directory: str | Path, config: VLMConfig):
+    """The :class:`~minivlm.text.processor.Processor` of a llava-hf checkpoint directory, or None
+    when it ships no tokenizer (a weights-only directory).
+
+    ``tokenizer.json`` is read with its added tokens at their ids (``<image>`` = ``image_token_index``);
+    a sentencepiece-only directory gets the ``tokenizer_config.json`` added tokens placed at their
+    ids. Images: :class:`~minivlm.vision.llava.LlavaImageProcessor` from ``preprocessor_config.json``.
+    """
+    from minivlm.interop.hf_processor import (build_processor, check_template, hf_chat_template, hf_processor_files,
+                                              load_hf_tokenizer, resample_name)
+    from minivlm.text.hf_tokenizer import TOKENIZER_JSON, read_tokenizer_config
+    from minivlm.text.templates import LlavaTemplate
+    from minivlm.text.tokenizer import TOKENIZER_FILENAME, Tokenizer
+    from minivlm.vision.llava import LlavaImageConfig, LlavaImageProcessor
+
+    directory = Path(directory)
+    image, settings = hf_processor_files(directory)
+    if (directory / TOKENIZER_JSON).is_file():
+        eos = read_tokenizer_config(directory).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        tokenizer = load_hf_tokenizer(directory, [], image_token="<image>", end_of_turn_token=eos or "</s>")
+    elif (directory / TOKENIZER_FILENAME).is_file():
+        added = read_tokenizer_config(directory).get("added_tokens_decoder") or {}
+        placed = {int(i): t["content"] for i, t in added.items() if isinstance(t, dict) and "content" in t}
+        tokenizer = Tokenizer.from_bytes((directory / TOKENIZER_FILENAME).read_bytes(), placed=placed)
+    else:
+        return None
+    crop = image.get("crop_size") or {}
+    crop = crop.get("height", config.encoder.image_size) if isinstance(crop, dict) else int(crop)
+    shortest = (image.get("size") or {}).get("shortest_edge", crop)
+    image_processor = LlavaImageProcessor(LlavaImageConfig(
+        image_size=crop, shortest_edge=shortest, pad_to_square=bool(image.get("do_pad", False)),
+        resample=resample_name(image.get("resample"), "bicubic"),
+        image_mean=tuple(image.get("image_mean", CLIP_MEAN)), image_std=tuple(image.get("image_std", CLIP_STD))))
+    template = LlavaTemplate()
+    if getattr(tokenizer, "roles", None) is not None:
+        check_template(hf_chat_template(directory), template, str(directory),
+                       {"bos_token": tokenizer.roles.get("bos_token", ""),
+                        "eos_token": tokenizer.roles.get("eos_token", "")})
+    patch = settings.get("patch_size") or config.encoder.patch_size
+    seq_len = (crop // patch) ** 2 + settings.get("num_additional_image_tokens", 0)
+    if settings.get("vision_feature_select_strategy", "default") == "default" and "num_additional_image_tokens" in settings:
+        seq_len -= 1
+    return build_processor(directory, config, tokenizer, image_processor, template, seq_len)

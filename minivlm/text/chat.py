@@ -55,13 +55,19 @@ from minivlm.text.tokenizer import (
     IM_START_TOKEN,
     IMAGE_TOKEN,
     VIDEO_TOKEN,
-    Tokenizer,
     tile_token,
 )
+from minivlm.text.segments import (  # noqa: F401  (re-exported: these lived here before templates)
+    IGNORE_INDEX,
+    MediaSegment,
+    Segment,
+    SpecialSegment,
+    TextSegment,
+    encode_segments,
+    merge_text_segments,
+    segments_to_text,
+)
 from minivlm.vision import format_timestamp
-
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -97,6 +103,15 @@ class MediaNotAllowedError(ChatFormatError):
 
 class MissingAssistantTurnError(ChatFormatError):
     """A training sample without an assistant answer would contribute no loss."""
+
+
+class MissingUserTurnError(ChatFormatError):
+    """A conversation rendered without any user message: there is nothing to answer."""
+
+
+class TextEncodingError(ChatFormatError):
+    """Text that is not valid Unicode, e.g. a Latin-1 byte read as UTF-8 with ``surrogateescape``
+    (how Python decodes a command-line argument or stdin line that is not UTF-8)."""
 
 
 # ---- normalised representation --------------------------------------------------------------
@@ -296,16 +311,22 @@ def _split_placeholders(value: str) -> list[str]:
         rest = rest[pos + len(token) :]
 
 
-def validate_conversation(messages: Sequence[Message], *, for_training: bool = False) -> None:
+def validate_conversation(messages: Sequence[Message], *, for_training: bool = False,
+                          require_user: bool = False) -> None:
     """Check the rules every renderable conversation follows.
 
     * at least one message; a system message only comes first;
+    * text is valid Unicode (:class:`TextEncodingError` names the offending byte);
     * images and videos only in user messages (:class:`MediaNotAllowedError`);
+    * with ``require_user`` (rendering), at least one user message (:class:`MissingUserTurnError`);
     * with ``for_training``, at least one assistant message (:class:`MissingAssistantTurnError`).
     """
     if not messages:
         raise EmptyContentError("the conversation has no messages")
     for index, message in enumerate(messages):
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                check_text_encoding(part.text, f"message #{index} ({message.role})")
         if message.role not in ROLES:
             raise UnknownRoleError(f"message #{index} has role {message.role!r}; expected one of {ROLES}")
         if not message.parts:
@@ -318,6 +339,10 @@ def validate_conversation(messages: Sequence[Message], *, for_training: bool = F
                 f"message #{index} ({message.role}) contains {kinds}; images and videos may only "
                 f"appear in user messages"
             )
+    if require_user and not any(m.role == "user" for m in messages):
+        raise MissingUserTurnError(
+            f"the conversation has no user message (roles {[m.role for m in messages]}); a model answers "
+            f"a user turn: add one")
     if for_training and not any(m.role == "assistant" for m in messages):
         raise MissingAssistantTurnError(
             "a training sample needs at least one assistant message (its answer is what is "
@@ -325,34 +350,19 @@ def validate_conversation(messages: Sequence[Message], *, for_training: bool = F
         )
 
 
-# ---- template -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TextSegment:
-    """Text encoded as ordinary tokens (never turned into special ids)."""
-
-    text: str
-    supervised: bool = False
-
-
-@dataclass(frozen=True)
-class SpecialSegment:
-    """A special token, inserted by id, ``repeat`` times."""
-
-    token: str
-    supervised: bool = False
-    repeat: int = 1
+def check_text_encoding(text: str, where: str) -> None:
+    """Raise :class:`TextEncodingError` naming the first character of ``text`` that is not valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        what = (f"byte 0x{char - 0xDC00:02x}, which is not UTF-8," if 0xDC80 <= char <= 0xDCFF
+                else f"the lone surrogate U+{char:04X}")
+        raise TextEncodingError(f"{where} text has {what} at character {err.start} "
+                                f"({text[max(0, err.start - 20):err.start]!r} before it); expected UTF-8 text") from None
 
 
-@dataclass(frozen=True)
-class MediaSegment:
-    """Where an image or video goes; expanded by the processor once the media is loaded."""
-
-    part: ImagePart | VideoPart
-
-
-Segment = Union[TextSegment, SpecialSegment, MediaSegment]
-
-
+# ---- template (ChatML) -----------------------------------------------------------------------
 def chat_segments(messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[Segment]:
     """The template of the module docstring as segments, media left as :class:`MediaSegment`.
 
@@ -369,22 +379,6 @@ def chat_segments(messages: Sequence[Message], *, add_generation_prompt: bool = 
     if add_generation_prompt:
         segments += [SpecialSegment(IM_START_TOKEN), TextSegment("assistant\n")]
     return merge_text_segments(segments)
-
-
-def merge_text_segments(segments: Sequence[Segment]) -> list[Segment]:
-    """Join consecutive :class:`TextSegment` with equal ``supervised`` flags."""
-    merged: list[Segment] = []
-    for segment in segments:
-        previous = merged[-1] if merged else None
-        if (
-            isinstance(segment, TextSegment)
-            and isinstance(previous, TextSegment)
-            and previous.supervised == segment.supervised
-        ):
-            merged[-1] = TextSegment(previous.text + segment.text, segment.supervised)
-        else:
-            merged.append(segment)
-    return merged
 
 
 def image_segments(image_seq_len: int, rows: int = 0, cols: int = 0) -> list[Segment]:
@@ -420,36 +414,3 @@ def image_segments(image_seq_len: int, rows: int = 0, cols: int = 0) -> list[Seg
 def video_frame_segments(timestamp: float, image_seq_len: int) -> list[Segment]:
     """One video frame: its time as ``"mm:ss "`` text, then its image tokens (SmolVLM2 style)."""
     return [TextSegment(f"{format_timestamp(timestamp)} ")] + image_segments(image_seq_len)
-
-
-def segments_to_text(segments: Sequence[Segment]) -> str:
-    """The rendered template string; ``tokenizer.decode`` of the segments' ids reproduces it."""
-    out = []
-    for segment in segments:
-        if isinstance(segment, TextSegment):
-            out.append(segment.text)
-        elif isinstance(segment, SpecialSegment):
-            out.append(segment.token * segment.repeat)
-        else:
-            raise ValueError("segments_to_text needs media expanded first; got a MediaSegment")
-    return "".join(out)
-
-
-def encode_segments(segments: Sequence[Segment], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels of text and special segments.
-
-    Labels equal the ids on supervised segments and :data:`IGNORE_INDEX` elsewhere (aligned with
-    the ids; the shift by one happens in the loss).
-    """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for segment in segments:
-        if isinstance(segment, TextSegment):
-            ids = tokenizer.encode(segment.text)
-        elif isinstance(segment, SpecialSegment):
-            ids = [tokenizer.token_to_id(segment.token)] * segment.repeat
-        else:
-            raise ValueError("encode_segments needs media expanded first; got a MediaSegment")
-        input_ids += ids
-        labels += ids if segment.supervised else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels

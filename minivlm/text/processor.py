@@ -40,22 +40,12 @@ import torch
 from torch import Tensor
 
 from minivlm.data.collate import PADDING_SIDES, pad_collate
-from minivlm.text.chat import (
-    IGNORE_INDEX,
-    ImagePart,
-    MediaSegment,
-    Message,
-    Segment,
-    chat_segments,
-    encode_segments,
-    image_segments,
-    normalize_messages,
-    segments_to_text,
-    validate_conversation,
-    video_frame_segments,
-)
-from minivlm.text.tokenizer import Tokenizer
+from minivlm.text.chat import ImagePart, Message, normalize_messages, validate_conversation
+from minivlm.text.segments import IGNORE_INDEX, MediaSegment, Segment, encode_chunks, segments_to_text
+from minivlm.text.templates import ChatMLTemplate, ChatTemplate, template_from_dict
+from minivlm.text.tokenizer_base import TextTokenizer, load_tokenizer
 from minivlm.vision import ImageProcessor, load_video
+from minivlm.vision.processors import image_processor_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -164,31 +154,44 @@ class Processor:
     """Tokenizer + image processor + chat template.
 
     Args:
-        tokenizer: must hold the tile markers for ``image_processor.config.max_tiles`` when the
-            image processor splits images (``Tokenizer.train(..., max_tiles=...)``).
-        image_processor: turns each image into views; video frames are never split.
+        tokenizer: any :class:`~minivlm.text.tokenizer_base.TextTokenizer`; must hold the
+            template's special tokens and, for minivlm's own image processor, the tile markers
+            for its ``max_tiles`` (``Tokenizer.train(..., max_tiles=...)``).
+        image_processor: turns each image into views (any kind of
+            :mod:`minivlm.vision.processors`); video frames are never split.
         image_seq_len: placeholder tokens per view.
         max_length: truncate samples to this many tokens (see the module docstring).
         video_max_frames: frames sampled per video.
         strict: raise :class:`SequenceTooLongError` instead of truncating.
         temporal_patch_size: video frames per view (see the module docstring); must match the
             encoder's ``temporal_patch_size``.
+        template: the chat template (default ChatML, :mod:`minivlm.text.templates`).
     """
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
-        image_processor: ImageProcessor,
+        tokenizer: TextTokenizer,
+        image_processor: Any,
         image_seq_len: int,
         *,
         max_length: int | None = None,
         video_max_frames: int = 8,
         strict: bool = False,
         temporal_patch_size: int = 1,
+        template: ChatTemplate | None = None,
     ) -> None:
         self.config = ProcessorConfig(image_seq_len, max_length, video_max_frames, strict, temporal_patch_size)
+        self.template = template if template is not None else ChatMLTemplate()
         vision = image_processor.config
-        if vision.split_image and tokenizer.max_tiles < vision.max_tiles:
+        if self.template.image_token != tokenizer.image_token:
+            raise ValueError(f"the {self.template.kind!r} template writes images as {self.template.image_token!r} but "
+                             f"the tokenizer's image token is {tokenizer.image_token!r}")
+        missing = [t for t in self.template.required_tokens() if not tokenizer.has_token(t)]
+        if missing:
+            raise ValueError(f"the {self.template.kind!r} template needs the special tokens {missing}, which the "
+                             f"tokenizer lacks")
+        if (isinstance(image_processor, ImageProcessor) and vision.split_image
+                and tokenizer.max_tiles < vision.max_tiles):
             raise ValueError(
                 f"the image processor splits images into up to max_tiles={vision.max_tiles} tiles but the "
                 f"tokenizer has tile markers for max_tiles={tokenizer.max_tiles}; build it with "
@@ -197,7 +200,6 @@ class Processor:
             )
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self._frame_processor = ImageProcessor(dataclasses.replace(vision, split_image=False))
 
     @property
     def image_seq_len(self) -> int:
@@ -284,7 +286,9 @@ class Processor:
         ``tokenizer.decode(render(...).input_ids)`` equals it for untruncated samples.
         """
         expanded = self._expanded_segments(messages, add_generation_prompt=add_generation_prompt, for_training=False)
-        return segments_to_text([segment for segments, _ in expanded for segment in segments])
+        tokenizer = self.tokenizer
+        around = ["".join(tokenizer.id_to_token(i) for i in ids) for ids in (tokenizer.prefix_ids, tokenizer.suffix_ids)]
+        return around[0] + segments_to_text([segment for segments, _ in expanded for segment in segments]) + around[1]
 
     def __call__(
         self,
@@ -325,56 +329,56 @@ class Processor:
         media_cache: MediaCache | None = None,
     ) -> list[tuple[list[Segment], Tensor | None]]:
         """Template segments with media expanded: ``(segments, views)`` pairs; views is None
-        for text and special segments, and the media's ``[n, 3, H, W]`` views otherwise."""
+        for text and special segments, and the media's ``[n, C, H, W]`` views otherwise."""
         normalized = normalize_messages(messages)
-        validate_conversation(normalized, for_training=for_training)
+        validate_conversation(normalized, for_training=for_training, require_user=True)
+        segments = self.template.segments(normalized, add_generation_prompt=add_generation_prompt)
+        n_images = sum(isinstance(s, MediaSegment) and isinstance(s.part, ImagePart) for s in segments)
         expanded: list[tuple[list[Segment], Tensor | None]] = []
-        for segment in chat_segments(normalized, add_generation_prompt=add_generation_prompt):
+        image_index = 0
+        for segment in segments:
             if not isinstance(segment, MediaSegment):
                 expanded.append(([segment], None))
             elif isinstance(segment.part, ImagePart):
                 image = segment.part.image
-                cached = media_cache.get(image) if media_cache is not None else None
-                if cached is None:
-                    cached = self._image_views(image)
+                processed = media_cache.get(image) if media_cache is not None else None
+                if processed is None:
+                    processed = self.image_processor(image)
                     if media_cache is not None:
-                        media_cache.put(image, cached)
-                expanded.append(cached)
+                        media_cache.put(image, processed)
+                layout, views = self.template.image_layout(processed, self.image_seq_len, image_index, n_images)
+                expanded.append((layout, self.as_stills(views)))
+                image_index += 1
             else:
-                vision = self.image_processor.config
                 clip = load_video(
                     segment.part.video,
                     max_frames=self.config.video_max_frames,
                     fps=segment.part.fps,
-                    max_pixels=vision.max_pixels,
+                    max_pixels=getattr(self.image_processor.config, "max_pixels", None),
                 )
-                frames = [self._frame_processor(frame).pixel_values for frame in clip.frames]
-                for first, views in self.frame_groups(frames):
-                    expanded.append((video_frame_segments(clip.timestamps[first], self.image_seq_len), views))
+                frames = [self.image_processor.frame(frame) for frame in clip.frames]
+                groups = [(clip.timestamps[first], views) for first, views in self.frame_groups(frames)]
+                # A frame list at a known rate lasts len / fps (transformers' VideoMetadata.duration);
+                # otherwise only the last sampled frame's time is known (transformers' fallback too).
+                source, fps = segment.part.video, segment.part.fps
+                duration = len(source) / fps if isinstance(source, (list, tuple)) and fps else clip.timestamps[-1]
+                expanded += self.template.video_layout(groups, duration, self.image_seq_len)
         return expanded
-
-    def _image_views(self, image: Any) -> tuple[list[Segment], Tensor]:
-        """One image's placeholder layout and its ``[n_views, C, H, W]`` views."""
-        processed = self.image_processor(image)
-        expected_views = processed.rows * processed.cols + 1 if processed.rows else 1
-        if processed.n_views != expected_views:
-            raise ValueError(
-                f"image processor returned {processed.n_views} views for a {processed.rows}x{processed.cols} "
-                f"grid; expected {expected_views} (tiles then the global view)"
-            )
-        layout = image_segments(self.image_seq_len, processed.rows, processed.cols)
-        return layout, self.as_stills(processed.pixel_values)
 
     def _blocks(
         self, messages: Sequence[Mapping[str, Any] | Message], *, add_generation_prompt: bool, for_training: bool,
         media_cache: MediaCache | None = None,
     ) -> list[_Block]:
-        blocks = []
-        for segments, views in self._expanded_segments(
-            messages, add_generation_prompt=add_generation_prompt, for_training=for_training, media_cache=media_cache
-        ):
-            input_ids, labels = encode_segments(segments, self.tokenizer)
-            blocks.append(_Block(input_ids, labels, views, atomic=views is not None))
+        expanded = self._expanded_segments(messages, add_generation_prompt=add_generation_prompt,
+                                           for_training=for_training, media_cache=media_cache)
+        encoded = encode_chunks([segments for segments, _ in expanded], self.tokenizer)
+        blocks = [_Block(ids, labels, views, atomic=views is not None)
+                  for (ids, labels), (_, views) in zip(encoded, expanded)]
+        prefix, suffix = self.tokenizer.prefix_ids, self.tokenizer.suffix_ids
+        if prefix:  # what the tokenizer's post-processor puts around a sequence (a BOS)
+            blocks.insert(0, _Block(prefix, [IGNORE_INDEX] * len(prefix), None, atomic=False))
+        if suffix:
+            blocks.append(_Block(suffix, [IGNORE_INDEX] * len(suffix), None, atomic=False))
         return blocks
 
     @staticmethod
@@ -395,39 +399,56 @@ class Processor:
 
     # ---- persistence ----------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``tokenizer.model`` and ``processor_config.json`` (this config plus the image
-        processor's under ``"image_processor"``) into ``directory``."""
+        """Write the tokenizer's files and ``processor_config.json`` (this config plus the image
+        processor's under ``"image_processor"`` and the template's under ``"chat_template"``)."""
+        from minivlm.io_atomic import atomic_write_json
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(directory)
-        config = dataclasses.asdict(self.config) | {"image_processor": self.image_processor.to_dict()}
-        (directory / PROCESSOR_CONFIG_FILENAME).write_text(json.dumps(config, indent=2) + "\n")
+        config = dataclasses.asdict(self.config) | {"image_processor": self.image_processor.to_dict(),
+                                                    "chat_template": self.template.to_dict()}
+        atomic_write_json(directory / PROCESSOR_CONFIG_FILENAME, config)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Processor":
-        """Load what :meth:`save_pretrained` wrote; unknown config keys are an error."""
+        """Load what :meth:`save_pretrained` wrote; unknown config keys are an error.
+
+        Raises:
+            FileNotFoundError: no ``processor_config.json``.
+            ValueError: it is not JSON, or a value is missing or of the wrong type (the message
+                names the file).
+        """
         directory = Path(directory)
         path = directory / PROCESSOR_CONFIG_FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"no {PROCESSOR_CONFIG_FILENAME} in {directory}")
-        config = json.loads(path.read_text())
-        if "image_processor" not in config:
+        try:
+            config = json.loads(path.read_bytes().decode())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(config, dict) or not isinstance(config.get("image_processor"), dict):
             raise ValueError(f"{path} has no 'image_processor' section")
-        image_processor = ImageProcessor.from_dict(config.pop("image_processor"))
         known = {f.name for f in dataclasses.fields(ProcessorConfig)}
-        unknown = sorted(set(config) - known)
+        unknown = sorted(set(config) - known - {"image_processor", "chat_template"})
         if unknown:
             raise ValueError(f"{path} has unknown keys {unknown}; expected a subset of {sorted(known)}")
-        settings = ProcessorConfig(**config)
+        try:
+            image_processor = image_processor_from_dict(config.pop("image_processor"))
+            template = template_from_dict(config.pop("chat_template", None))
+            settings = ProcessorConfig(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
         return cls(
-            Tokenizer.from_pretrained(directory),
+            load_tokenizer(directory),
             image_processor,
             settings.image_seq_len,
             max_length=settings.max_length,
             video_max_frames=settings.video_max_frames,
             strict=settings.strict,
             temporal_patch_size=settings.temporal_patch_size,
+            template=template,
         )
 
     def __repr__(self) -> str:

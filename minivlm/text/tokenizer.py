@@ -31,7 +31,8 @@ encoded as it would be in the middle of a document, and for identity-normalised 
 
 Sentencepiece's Python package cannot edit a model without ``protobuf`` (not a minivlm
 dependency), so the few edits are done on the protobuf wire format directly; see
-:func:`_edit_model_proto`. Reference: sentencepiece ``src/sentencepiece_model.proto``.
+:mod:`minivlm.text.spm_proto`. The interface shared with the ``tokenizer.json`` kind is
+:class:`minivlm.text.tokenizer_base.TextTokenizer`.
 """
 
 from __future__ import annotations
@@ -40,54 +41,34 @@ import io
 import logging
 import os
 import re
-import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
-logger = logging.getLogger(__name__)
+from minivlm.text.spm_proto import edit_model_proto
+from minivlm.text.tokenizer_base import (  # noqa: F401  (re-exported: the names predate the split)
+    GLOBAL_IMAGE_TOKEN,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    VIDEO_TOKEN,
+    TextTokenizer,
+    tile_token,
+    tile_tokens,
+)
 
-PAD_TOKEN = "<pad>"
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
-IM_START_TOKEN = "<|im_start|>"
-IM_END_TOKEN = "<|im_end|>"
-GLOBAL_IMAGE_TOKEN = "<global-img>"
+logger = logging.getLogger(__name__)
 
 #: Tokens every minivlm tokenizer has (besides bos/eos/pad), in the id order they are reserved.
 CHAT_SPECIAL_TOKENS: tuple[str, ...] = (IMAGE_TOKEN, VIDEO_TOKEN, IM_START_TOKEN, IM_END_TOKEN)
 
 TOKENIZER_FILENAME = "tokenizer.model"
 
-# Piece types of sentencepiece's ModelProto.SentencePiece.Type enum.
-_PIECE_TYPE_CONTROL = 3
 
-
-def tile_token(row: int, col: int) -> str:
-    """The marker that precedes the tile at ``row``, ``col`` (1-based) of a split image (SmolVLM)."""
-    if row < 1 or col < 1:
-        raise ValueError(f"tile rows and columns are 1-based; got row={row}, col={col}")
-    return f"<row_{row}_col_{col}>"
-
-
-def tile_tokens(max_tiles: int) -> list[str]:
-    """All tile markers a grid of at most ``max_tiles`` tiles can use, plus ``<global-img>``.
-
-    A ``rows x cols`` grid with ``rows * cols <= max_tiles`` contains tile ``(r, c)`` only if
-    ``r <= rows`` and ``c <= cols``, hence ``r * c <= max_tiles``: that set is exactly the markers
-    needed (SmolVLM instead reserves a fixed 6x6 square).
-    """
-    if max_tiles < 0:
-        raise ValueError(f"max_tiles must be >= 0; got {max_tiles}")
-    if max_tiles == 0:
-        return []
-    markers = [tile_token(r, c) for r in range(1, max_tiles + 1) for c in range(1, max_tiles // r + 1)]
-    return markers + [GLOBAL_IMAGE_TOKEN]
-
-
-class Tokenizer:
-    """A sentencepiece model plus minivlm's special tokens.
+class Tokenizer(TextTokenizer):
+    """A sentencepiece model plus minivlm's special tokens (the ``tokenizer.model`` kind).
 
     Build one with :meth:`train`, :meth:`from_file`, :meth:`from_bytes` or
     :meth:`from_pretrained`; the constructor takes a sentencepiece model whose special tokens are
@@ -99,6 +80,8 @@ class Tokenizer:
         ids = tok.encode("What is the highest value?")
         assert tok.decode(ids) == "What is the highest value?"
     """
+
+    kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes) -> None:
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -176,13 +159,15 @@ class Tokenizer:
         return cls(model.getvalue())
 
     @classmethod
-    def from_bytes(cls, model_proto: bytes, *, max_tiles: int = 0) -> "Tokenizer":
+    def from_bytes(cls, model_proto: bytes, *, max_tiles: int = 0, placed: dict[int, str] | None = None) -> "Tokenizer":
         """Load a serialised sentencepiece model, adding missing special tokens at the end.
 
         Base ids never move: ``<pad>`` (unless the model defines a pad piece), ``<image>``,
         ``<video>``, ``<|im_start|>``, ``<|im_end|>`` and, with ``max_tiles``, the tile markers
         get ids ``>= `` the base vocabulary size. Loading a model saved by :meth:`save` adds
-        nothing.
+        nothing. ``placed`` (id -> token, e.g. a Hugging Face ``added_tokens_decoder`` with
+        ``<image>`` = 32000) puts those tokens at exactly those ids first; they must follow the
+        base vocabulary without gaps.
         """
         if not isinstance(model_proto, (bytes, bytearray)):
             raise TypeError(f"expected the bytes of a sentencepiece model; got {type(model_proto).__name__}")
@@ -193,9 +178,17 @@ class Tokenizer:
         except RuntimeError as err:
             raise ValueError(f"not a sentencepiece model ({len(model_proto)} bytes): {err}") from err
         existing = {base.id_to_piece(i): i for i in range(base.get_piece_size())}
-        wanted = list(CHAT_SPECIAL_TOKENS) + tile_tokens(max_tiles)
-        if base.pad_id() < 0:
-            wanted.insert(0, PAD_TOKEN)
+        first = [token for token_id, token in sorted((placed or {}).items()) if token_id >= base.get_piece_size()]
+        ids = sorted(i for i in (placed or {}) if i >= base.get_piece_size())
+        if ids != list(range(base.get_piece_size(), base.get_piece_size() + len(ids))):
+            raise ValueError(f"added tokens must follow the base vocabulary of {base.get_piece_size()} without gaps; "
+                             f"got ids {ids}")
+        for token_id, token in (placed or {}).items():
+            if token_id < base.get_piece_size() and base.id_to_piece(token_id) != token:
+                raise ValueError(f"id {token_id} is {base.id_to_piece(token_id)!r} in the model, not {token!r}")
+        wanted = first + [t for t in list(CHAT_SPECIAL_TOKENS) + tile_tokens(max_tiles) if t not in first]
+        if base.pad_id() < 0 and PAD_TOKEN not in first:
+            wanted.insert(len(first), PAD_TOKEN)
         to_add = []
         for token in wanted:
             if token not in existing:
@@ -212,7 +205,7 @@ class Tokenizer:
                 base.get_piece_size(),
                 to_add,
             )
-        return cls(_edit_model_proto(bytes(model_proto), to_add))
+        return cls(edit_model_proto(bytes(model_proto), to_add))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, max_tiles: int = 0) -> "Tokenizer":
@@ -256,9 +249,6 @@ class Tokenizer:
         """Number of ids, base vocabulary plus added special tokens."""
         return self._sp.get_piece_size()
 
-    def __len__(self) -> int:
-        return self.vocab_size
-
     def has_token(self, token: str) -> bool:
         """True when ``token`` is one piece of the vocabulary."""
         token_id = self._sp.piece_to_id(token)
@@ -274,7 +264,7 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str:
         """The piece string of ``token_id``."""
-        self._check_id(token_id)
+        self.check_id(token_id)
         return self._sp.id_to_piece(token_id)
 
     @property
@@ -297,31 +287,13 @@ class Tokenizer:
         return self._special_by_token[IMAGE_TOKEN]
 
     @property
-    def video_token_id(self) -> int:
-        return self._special_by_token[VIDEO_TOKEN]
-
-    @property
-    def im_start_id(self) -> int:
-        return self._special_by_token[IM_START_TOKEN]
-
-    @property
-    def im_end_id(self) -> int:
+    def end_of_turn_id(self) -> int:
         return self._special_by_token[IM_END_TOKEN]
 
     @property
     def special_ids(self) -> frozenset[int]:
         """Ids of every control symbol: bos/eos/pad, minivlm's tokens, the base model's own."""
         return self._special_ids
-
-    @property
-    def max_tiles(self) -> int:
-        """Largest tile count whose markers are all in the vocabulary (0: no image splitting)."""
-        if not self.has_token(GLOBAL_IMAGE_TOKEN):
-            return 0
-        n = 0
-        while all(self.has_token(t) for t in tile_tokens(n + 1)):
-            n += 1
-        return n
 
     # ---- encode / decode ------------------------------------------------------------------
     def encode(
@@ -368,7 +340,7 @@ class Tokenizer:
         run: list[int] = []
         for token_id in ids:
             token_id = int(token_id)
-            self._check_id(token_id)
+            self.check_id(token_id)
             if token_id in self._special_ids:
                 if run:
                     pieces.append(self._sp.decode(run))
@@ -380,10 +352,6 @@ class Tokenizer:
         if run:
             pieces.append(self._sp.decode(run))
         return "".join(pieces)
-
-    def _check_id(self, token_id: int) -> None:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
 
     def __repr__(self) -> str:
         return (
@@ -409,102 +377,3 @@ class _CountingIterator(Iterator[str]):
             raise self.error
         self.count += 1
         return text
-
-
-# ---- protobuf wire format (sentencepiece_model.proto) ------------------------------------------
-# ModelProto: 1 = repeated SentencePiece pieces, 2 = TrainerSpec, 3 = NormalizerSpec,
-# 4 = SelfTestData, 5 = denormalizer NormalizerSpec.
-# SentencePiece: 1 = piece (string), 2 = score (float), 3 = type (enum).
-# NormalizerSpec: 3 = add_dummy_prefix (bool), 4 = remove_extra_whitespaces (bool).
-_MODEL_PIECES, _MODEL_NORMALIZER, _MODEL_SELF_TEST = 1, 3, 4
-_NORMALIZER_ADD_DUMMY_PREFIX, _NORMALIZER_REMOVE_EXTRA_WHITESPACES = 3, 4
-_WIRE_VARINT, _WIRE_FIXED64, _WIRE_LENGTH_DELIMITED, _WIRE_FIXED32 = 0, 1, 2, 5
-
-
-def _edit_model_proto(model_proto: bytes, control_pieces: Sequence[str]) -> bytes:
-    """Append ``control_pieces`` and switch the normaliser to exact encoding.
-
-    The pieces are appended after the existing ones, so base ids are unchanged. Self-test data
-    (sample encodings sentencepiece re-checks at load time) is dropped because it was recorded
-    with the dummy prefix on.
-    """
-    fields = []
-    for number, wire_type, raw, payload in _iter_fields(model_proto):
-        if number == _MODEL_SELF_TEST:
-            continue
-        if number == _MODEL_NORMALIZER and wire_type == _WIRE_LENGTH_DELIMITED:
-            kept = b"".join(
-                r
-                for n, _, r, _ in _iter_fields(payload)
-                if n not in (_NORMALIZER_ADD_DUMMY_PREFIX, _NORMALIZER_REMOVE_EXTRA_WHITESPACES)
-            )
-            exact = _tag(_NORMALIZER_ADD_DUMMY_PREFIX, _WIRE_VARINT) + _varint(0)
-            exact += _tag(_NORMALIZER_REMOVE_EXTRA_WHITESPACES, _WIRE_VARINT) + _varint(0)
-            raw = _length_delimited(_MODEL_NORMALIZER, kept + exact)
-        fields.append((number, raw))
-    # Repeated fields keep their order of appearance: new pieces go after the last base piece.
-    pieces = [raw for number, raw in fields if number == _MODEL_PIECES]
-    others = [raw for number, raw in fields if number != _MODEL_PIECES]
-    for piece in control_pieces:
-        message = _length_delimited(1, piece.encode("utf-8"))
-        message += _tag(2, _WIRE_FIXED32) + struct.pack("<f", 0.0)
-        message += _tag(3, _WIRE_VARINT) + _varint(_PIECE_TYPE_CONTROL)
-        pieces.append(_length_delimited(_MODEL_PIECES, message))
-    return b"".join(pieces + others)
-
-
-def _iter_fields(data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
-    """Top-level fields of a protobuf message: (number, wire type, raw bytes, payload)."""
-    pos = 0
-    while pos < len(data):
-        start = pos
-        key, pos = _read_varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _WIRE_VARINT:
-            _, pos = _read_varint(data, pos)
-            payload = data[start:pos]
-        elif wire_type == _WIRE_FIXED64:
-            pos += 8
-            payload = data[pos - 8 : pos]
-        elif wire_type == _WIRE_FIXED32:
-            pos += 4
-            payload = data[pos - 4 : pos]
-        elif wire_type == _WIRE_LENGTH_DELIMITED:
-            length, pos = _read_varint(data, pos)
-            payload = data[pos : pos + length]
-            pos += length
-        else:
-            raise ValueError(f"not a sentencepiece model: unsupported protobuf wire type {wire_type} at byte {start}")
-        if pos > len(data):
-            raise ValueError("not a sentencepiece model: truncated protobuf message")
-        yield number, wire_type, data[start:pos], payload
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("not a sentencepiece model: truncated protobuf varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _tag(number: int, wire_type: int) -> bytes:
-    return _varint(number << 3 | wire_type)
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _tag(number, _WIRE_LENGTH_DELIMITED) + _varint(len(payload)) + payload

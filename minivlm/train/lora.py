@@ -219,7 +219,10 @@ def save_lora(model: nn.Module, path: str | Path, trained_parts: Sequence[str] |
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "lora_rank": str(first.r), "lora_alpha": repr(first.alpha),
                 "lora_modules": json.dumps(list(modules)), "trained_parts": json.dumps(list(trained_parts))}
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+    from minivlm.io_atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
     return path
 
 

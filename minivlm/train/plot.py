@@ -65,5 +65,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax[0, 1].set(xlabel="step", ylabel="metric", title="evaluation")
         ax[0, 1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    from minivlm.io_atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=out.suffix[1:] or "png")
     return out

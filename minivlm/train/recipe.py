@@ -1,23 +1,24 @@
 """The main job: build tokenizer, processor and model from a config, train, evaluate, report.
 
 ``minivlm train`` calls :func:`run`. Everything a later ``minivlm chat`` or ``from_pretrained``
-needs ends up in ``runs/<name>/model/``; ``metrics.jsonl``, ``loss.png`` and ``eval.json`` sit
-beside it.
+needs ends up in ``runs/<name>/model/``; ``metrics.jsonl``, ``loss.png``, ``eval.json`` and
+``train_result.json`` sit beside it, each written atomically (:mod:`minivlm.io_atomic`). The run
+directory is locked and owned by the run for the whole call (:mod:`minivlm.train.run_dir`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from minivlm.config import VLMConfig
+from minivlm.config import ConfigError, VLMConfig
 from minivlm.data import build_dataset
 from minivlm.data.registry import parse_spec
 from minivlm.model import VisionLanguageModel
@@ -58,7 +59,8 @@ def build_processor(cfg: VLMConfig, tokenizer: Tokenizer) -> Processor:
     image_cfg = ImageProcessorConfig(image_size=cfg.encoder.image_size, resize=cfg.data.resize,
                                      normalization=cfg.encoder.normalization, split_image=cfg.data.split_image)
     return Processor(tokenizer, ImageProcessor(image_cfg), image_seq_len(cfg), max_length=cfg.data.max_length,
-                     video_max_frames=cfg.data.video_frames, temporal_patch_size=cfg.encoder.temporal_patch_size)
+                     video_max_frames=cfg.data.video_frames, temporal_patch_size=cfg.encoder.temporal_patch_size,
+                     strict=cfg.data.strict)
 
 
 def attach_tokenizer(cfg: VLMConfig, tokenizer: Tokenizer) -> VLMConfig:
@@ -85,12 +87,18 @@ def init_parts_from(model: VisionLanguageModel) -> None:
 
 @dataclass
 class RunOutputs:
+    """What :func:`run` did. ``status`` is :class:`~minivlm.train.trainer.TrainResult`'s;
+    ``not_evaluated``: training sources without a test split (file data), left unscored."""
+
     run_dir: Path
     model_dir: Path
     train_seconds: float
     status: str
     steps: int
-    report: Any = None  # the EvalReport (None when interrupted, and on ranks other than 0)
+    report: Any = None  # the EvalReport (None when interrupted or non-finite, and on ranks other than 0)
+    not_evaluated: list[str] = field(default_factory=list)
+    stop_signal: int | None = None
+    skipped_steps: int = 0
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -113,24 +121,98 @@ def eval_sources(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minutes: float | None = None,
-        eval_limit: int | None = None, progress: bool = True, dist=None) -> RunOutputs:
-    """Train ``cfg`` into ``run_dir`` and evaluate the result on every named source's test split."""
-    from minivlm.train.checkpoint import latest_checkpoint
+def unevaluated_sources(spec: str) -> list[str]:
+    """File sources of a training spec (``jsonl:train.jsonl``): no test split, so not scored."""
+    return [s.label for s in parse_spec(spec) if s.path is not None]
+
+
+#: Settings a resumed run may change: they decide what is logged, kept or timed, not what is
+#: computed, so the resumed run still continues the same optimisation.
+RESUME_SAFE_FIELDS = frozenset({"train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
+                                "train.max_minutes", "train.cpu_threads", "train.max_nonfinite", "data.num_workers"})
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(dotted field, old value, new value)]`` where two configs differ."""
+    changes = []
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(a):
+            changes += config_changes(a, b, f"{prefix}{f.name}.")
+        elif a != b:
+            changes.append((f"{prefix}{f.name}", a, b))
+    return changes
+
+
+def resume_config(checkpoint_cfg: VLMConfig, overrides: list[str] | tuple[str, ...] = ()) -> VLMConfig:
+    """The config a resumed run trains with: the checkpoint's, plus the ``overrides`` the user
+    gave explicitly, which may only touch :data:`RESUME_SAFE_FIELDS` (applied and logged).
+
+    Raises:
+        ConfigError: an override would change the optimisation (``train.lr``, ``train.steps``,
+            the data, the model, ...): a resumed run could not honour it. Every one is named.
+    """
+    requested = checkpoint_cfg.override(*overrides)
+    changes = config_changes(checkpoint_cfg, requested)
+    refused = [c for c in changes if c[0] not in RESUME_SAFE_FIELDS]
+    if refused:
+        listed = ", ".join(f"{name} from {a!r} to {b!r}" for name, a, b in refused)
+        raise ConfigError(f"--resume continues the checkpoint's run and cannot change {listed}; drop these "
+                          f"settings, or start a new run with them (--overwrite, or another --out)")
+    for name, a, b in changes:
+        log.warning("resuming with %s changed from %r to %r", name, a, b)
+    return requested
+
+
+def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        overrides: list[str] | tuple[str, ...] = (), max_minutes: float | None = None, eval_limit: int | None = None,
+        progress: bool = True, dist=None, base: str | Path | None = None) -> RunOutputs:
+    """Train ``cfg`` into ``run_dir`` and evaluate the result on every named source's test split.
+
+    ``base``: a checkpoint directory (e.g. written by ``minivlm import``) to fine-tune: its weights
+    and processor (tokenizer, image processing, chat template) are used instead of a new tokenizer
+    and random weights; ``cfg`` must be its config (with any overrides).
+
+    ``run_dir`` is locked for the whole call. A new run refuses a directory that holds another
+    run unless ``overwrite``; ``resume`` continues the directory's run from its newest intact
+    checkpoint, with the checkpoint's config plus the explicit ``overrides`` it can honour
+    (:func:`resume_config`; without a checkpoint, ``cfg`` starts the run).
+
+    Raises:
+        RunDirectoryError: the directory is locked by another process, not writable, or holds
+            another run.
+        ConfigError: an override a resumed run cannot apply.
+        CheckpointError: checkpoints exist but none is intact.
+        TrainingAborted: too many consecutive non-finite steps.
+    """
     from minivlm.train.distributed import DistributedContext
-    from minivlm.train.plot import plot_run
-    from minivlm.train.trainer import Trainer
+    from minivlm.train.run_dir import claim
 
     dist = dist or DistributedContext.from_env()
-    run_dir = Path(run_dir)
-    torch.manual_seed(cfg.train.seed)
-    train_data = build_dataset(cfg.data.mixture, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
-    curriculum = [build_dataset(spec, "train", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
-                  for spec, _ in cfg.data.curriculum_phases]
-    previous = latest_checkpoint(run_dir) if resume else None
+    handle = claim(run_dir, dist, resume=resume, overwrite=overwrite)
+    try:
+        return _train_and_evaluate(cfg, handle, resume, overrides, max_minutes, eval_limit, progress, dist, base)
+    finally:
+        handle.release()
+
+
+def _train_and_evaluate(cfg: VLMConfig, handle, resume: bool, overrides, max_minutes, eval_limit, progress,
+                        dist, base: str | Path | None = None) -> RunOutputs:
+    from minivlm.train.checkpoint import load_intact_checkpoint
+    from minivlm.train.trainer import Trainer
+
+    run_dir = handle.path
+    previous = load_intact_checkpoint(run_dir, handle.run_id or None) if resume else None
     if previous is not None:
-        processor = Processor.from_pretrained(previous)
-        cfg = VLMConfig.from_json(previous / "config.json")
+        cfg = resume_config(previous.config, overrides)  # the data, model and schedule of the run
+    torch.manual_seed(cfg.train.seed)
+    data_options = dict(seed=cfg.train.seed, image_size=cfg.encoder.image_size, strict=cfg.data.strict)
+    train_data = build_dataset(cfg.data.mixture, "train", **data_options)
+    curriculum = [build_dataset(spec, "train", **data_options) for spec, _ in cfg.data.curriculum_phases]
+    if previous is not None:
+        processor = previous.processor
+    elif base is not None:
+        processor = Processor.from_pretrained(base)
     else:
         from torch.utils.data import ConcatDataset
 
@@ -140,21 +222,46 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
     validate_config(cfg)
     model = VisionLanguageModel(cfg)
     if previous is None:
+        if base is not None:
+            from minivlm.safetensors_io import load_safetensors
+            from minivlm.model import WEIGHTS_NAME
+
+            model.load_checkpoint_state(load_safetensors(Path(base) / WEIGHTS_NAME))
+            log.info("fine-tuning %s", base)
         init_parts_from(model)
     if dist.is_main:
         log.info("model %s: %s parameters; data %s", cfg.name, f"{model.num_parameters():,}", cfg.data.mixture)
     eval_fn = None
     if cfg.train.eval_every:
         eval_fn = periodic_eval(cfg)
-    trainer = Trainer(model, processor, train_data, run_dir, eval_fn=eval_fn, dist=dist, progress=progress,
+    trainer = Trainer(model, processor, train_data, handle, eval_fn=eval_fn, dist=dist, progress=progress,
                       curriculum=curriculum)
-    result = trainer.fit(resume=resume, max_minutes=max_minutes)
-    model_dir = run_dir / "model"
-    report = None
-    from minivlm.train.lora import has_lora, merge_lora, save_lora
+    result = trainer.fit(resume=previous if previous is not None else resume, max_minutes=max_minutes)
+    outputs = RunOutputs(run_dir, run_dir / "model", result.seconds, result.status, result.steps,
+                         not_evaluated=unevaluated_sources(cfg.data.mixture), stop_signal=result.stop_signal,
+                         skipped_steps=result.skipped_steps + result.overflow_steps)
+    outputs.report = save_and_evaluate(trainer, model, cfg, result, handle.run_id, eval_limit, progress, dist)
+    dist.barrier()
+    return outputs
 
+
+def save_and_evaluate(trainer, model: VisionLanguageModel, cfg: VLMConfig, result, run_id: str,
+                      eval_limit: int | None, progress: bool, dist):
+    """Write ``model/`` (replaced atomically), ``train_result.json``, ``loss.png``, and, for a run
+    that trained to its end, the evaluation (``eval.json``); returns the EvalReport or None.
+
+    A run whose steps were mostly non-finite keeps the previous ``model/`` (its checkpoint stays
+    for inspection) and is not evaluated; an interrupted one is saved but not evaluated.
+    """
+    from minivlm.io_atomic import atomic_write_json
+    from minivlm.train.lora import has_lora, merge_lora, save_lora
+    from minivlm.train.plot import plot_run
+
+    run_dir, model_dir = trainer.run_dir, trainer.run_dir / "model"
     full_state = trainer.dist.full_model_state(trainer.wrapped)  # collective under FSDP
-    if dist.is_main:
+    if not dist.is_main:
+        return None
+    if result.status != "nonfinite":
         if has_lora(model):
             save_lora(model, run_dir / "adapters.safetensors")  # adapters + trained projector
             merge_lora(model)  # model/ stays a plain VisionLanguageModel for chat / from_pretrained
@@ -163,20 +270,23 @@ def run(cfg: VLMConfig, run_dir: str | Path, *, resume: bool = False, max_minute
         if trainer.dist.strategy == "fsdp":
             # Evaluate an unsharded copy: the sharded module would wait for the other ranks.
             model = VisionLanguageModel.from_pretrained(model_dir, map_location=str(dist.device))
-        (run_dir / "train_result.json").write_text(json.dumps(
-            {k: v for k, v in result.__dict__.items() if k != "history"}, indent=2) + "\n")
-        plot_run(run_dir)
-        if result.status != "interrupted":
-            tuner = trainer.thread_tuner  # evaluate under the thread count training found fastest
-            with cpu_threads(tuner.choice if tuner is not None else torch.get_num_threads()):
-                report = evaluate_run(model, cfg, eval_limit=eval_limit, progress=progress)
-            (run_dir / "eval.json").write_text(json.dumps(
-                {"metrics": report.metrics, "counts": report.counts, "seconds": report.seconds,
-                 "train_seconds": result.seconds, "steps": result.steps,
-                 "samples": [p.__dict__ for p in report.predictions[:: max(1, len(report.predictions) // 40)]]},
-                indent=2) + "\n")
-    dist.barrier()
-    return RunOutputs(run_dir, model_dir, result.seconds, result.status, result.steps, report)
+    atomic_write_json(run_dir / "train_result.json",
+                      {"run_id": run_id, **{k: v for k, v in result.__dict__.items() if k != "history"}})
+    plot_run(run_dir)
+    if result.status not in ("finished", "time_budget"):
+        return None
+    tuner = trainer.thread_tuner  # evaluate under the thread count training found fastest
+    with cpu_threads(tuner.choice if tuner is not None else torch.get_num_threads()):
+        report = evaluate_run(model, cfg, eval_limit=eval_limit, progress=progress)
+    not_evaluated = unevaluated_sources(cfg.data.mixture)
+    if not_evaluated:
+        log.warning("not evaluated: %s (file data has no test split; score it with `minivlm eval --model %s "
+                    "--data jsonl:TEST.jsonl`)", ", ".join(not_evaluated), model_dir)
+    atomic_write_json(run_dir / "eval.json", {
+        "run_id": run_id, "metrics": report.metrics, "counts": report.counts, "seconds": report.seconds,
+        "train_seconds": result.seconds, "steps": result.steps, "not_evaluated": not_evaluated,
+        "samples": [p.__dict__ for p in report.predictions[:: max(1, len(report.predictions) // 40)]]})
+    return report
 
 
 @contextlib.contextmanager

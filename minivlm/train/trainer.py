@@ -11,7 +11,8 @@ tokens carry weights (:mod:`minivlm.train.loss_weighting`) and ``N_global`` is t
 Exact resume: a checkpoint holds the weights, the optimizer and gradient-scaler states, the
 schedule position, every global RNG and the data position (the step: see :mod:`minivlm.train.data`).
 A run stopped at step ``k`` and resumed computes, on the CPU in fp32, bit for bit the losses
-and weights of the run that never stopped.
+and weights of the run that never stopped, at a fixed ``train.cpu_threads`` (parallel reductions
+round differently under another thread count, and the measured choice depends on the machine).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import math
 import signal
 import time
+import weakref
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +34,6 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from minivlm.config import ConfigError, TrainConfig
-from minivlm.safetensors_io import load_safetensors
 from minivlm.model import VisionLanguageModel
 from minivlm.text.processor import Processor
 from minivlm.train import checkpoint as ckpt
@@ -51,6 +52,7 @@ from minivlm.train.data import (
 from minivlm.train.distributed import DistributedContext
 from minivlm.train.lora import apply_lora, has_lora, mark_only_lora_trainable
 from minivlm.train.optim import build_optimizer, lr_multiplier
+from minivlm.train.run_dir import RunDirectory, RunDirectoryError, collectively, trim_metrics  # noqa: F401
 from minivlm.train.precision import autocast, grad_scaler, resolve_precision
 from minivlm.train.stages import apply_stage, part_lr_scales
 from minivlm.train.threads import ThreadTuner, available_cores, thread_candidates
@@ -71,16 +73,14 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite losses, or another unrecoverable training state."""
 
 
-class RunDirectoryError(ValueError):
-    """The run directory cannot be created or written; raised before any training compute."""
-
-
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` did.
 
-    ``status``: ``finished`` | ``interrupted`` (SIGTERM/SIGINT; a checkpoint was saved) |
-    ``time_budget``. ``skipped_steps``: steps skipped for a non-finite loss or gradient;
+    ``status``: ``finished`` | ``interrupted`` (SIGTERM/SIGINT, number in ``stop_signal``; a
+    checkpoint was saved) | ``time_budget`` | ``nonfinite`` (more than half of the run's steps
+    were skipped for a non-finite loss or an fp16 overflow: the model did not really train).
+    ``skipped_steps``: steps skipped for a non-finite loss or gradient;
     ``overflow_steps``: fp16 steps the gradient scaler skipped (normal while it calibrates).
     ``history``: one record per step of this call, as written to ``metrics.jsonl``.
     """
@@ -94,6 +94,7 @@ class TrainResult:
     skipped_samples: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     overflow_steps: int = 0
+    stop_signal: int | None = None
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -130,7 +131,8 @@ class Trainer:
             > 0 it gets LoRA adapters (:mod:`minivlm.train.lora`) unless it already has some.
         processor: renders samples; saved with every checkpoint.
         dataset: map-style, sample ``i`` deterministic (see :mod:`minivlm.train.data`).
-        run_dir: where checkpoints, ``metrics.jsonl`` and the final model go.
+        run_dir: where checkpoints, ``metrics.jsonl`` and the final model go; a path (locked
+            here, :mod:`minivlm.train.run_dir`) or a :class:`RunDirectory` its caller holds.
         eval_fn: ``eval_fn(model) -> dict of metrics``, called every ``train.eval_every`` steps.
         dist: the process group context (single process when None).
         progress: show a progress bar (rank 0 only).
@@ -140,10 +142,12 @@ class Trainer:
 
     Raises:
         ConfigError: invalid ``train.*`` settings.
-        RunDirectoryError: ``run_dir`` cannot be written (checked before anything else runs).
+        RunDirectoryError: ``run_dir`` cannot be written, or another process writes it
+            (checked before anything else runs).
     """
 
-    def __init__(self, model: VisionLanguageModel, processor: Processor, dataset: Dataset, run_dir: str | Path,
+    def __init__(self, model: VisionLanguageModel, processor: Processor, dataset: Dataset,
+                 run_dir: str | Path | RunDirectory,
                  eval_fn: Callable[[VisionLanguageModel], dict[str, float]] | None = None,
                  dist: DistributedContext | None = None, progress: bool = True,
                  curriculum: Dataset | Sequence[Dataset] | None = None):
@@ -155,10 +159,10 @@ class Trainer:
         check_train_config(self.tcfg)
         self.precision = resolve_precision(self.tcfg.precision, self.device)
         scales = part_lr_scales(self.tcfg)
-        self.run_dir = Path(run_dir)
         self.eval_fn = eval_fn
         self.progress = progress and self.dist.is_main
-        self._check_writable()
+        self.run = self._acquire_run_dir(run_dir)
+        self.run_dir = self.run.path
         self.model = model.to(self.device)
         self.model.processor = processor
         self.processor = processor
@@ -189,24 +193,24 @@ class Trainer:
         self._filler: dict[str, Any] | None = None
         self.thread_tuner: ThreadTuner | None = None  # set by fit() on the CPU
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._tb = self._tensorboard()
+        self._tb = None  # opened by fit(), once the run directory is known to be this run's
 
     # ---- setup --------------------------------------------------------------------------------
-    def _check_writable(self) -> None:
-        """Fail before any compute when the run directory cannot be written (all ranks raise)."""
-        error: OSError | None = None
-        if self.dist.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.run_dir / ".write_test"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as err:
-                error = err
-        (failed,) = self.dist.any_rank(error is not None)
-        if failed:
-            reason = error if error is not None else "rank 0 could not write it"
-            raise RunDirectoryError(f"output directory {self.run_dir} is not writable: {reason}")
+    def _acquire_run_dir(self, run_dir: str | Path | RunDirectory) -> RunDirectory:
+        """Lock the run directory (rank 0 writes it) before any compute. A :class:`RunDirectory`
+        handed in stays its caller's to release; one taken here is released by :meth:`close`
+        or when the trainer is garbage-collected."""
+        self._owns_run = not isinstance(run_dir, RunDirectory)
+        if not self._owns_run:
+            return run_dir
+        run = collectively(self.dist, lambda: RunDirectory.acquire(run_dir, writer=self.dist.is_main), run_dir)
+        weakref.finalize(self, run.release)
+        return run
+
+    def close(self) -> None:
+        """Release the run directory's lock if this trainer took it (the trainer stays readable)."""
+        if self._owns_run:
+            self.run.release()
 
     def _setup_lora(self, scales: dict[str, float]) -> None:
         """Add adapters when ``train.lora_rank`` asks for them; keep only adapters (and the
@@ -246,6 +250,7 @@ class Trainer:
             "overflow_total": self.overflow_total,
             "skipped_samples": dict(self.skipped_samples),
             "data_position": {"next_step": self.step, "global_batch": self.global_batch, "seed": self.data_seed},
+            "run_id": self.run.run_id,
         }
 
     def save(self) -> Path | None:
@@ -259,30 +264,41 @@ class Trainer:
         def write_model(directory: Path) -> None:
             self.model.save_pretrained(directory, state_dict=model_state)
 
-        return ckpt.save_checkpoint(self.run_dir, self.step, write_model, trainer_state, self.tcfg.keep_checkpoints)
+        return ckpt.save_checkpoint(self.run_dir, self.step, write_model, trainer_state, self.tcfg.keep_checkpoints,
+                                    run_id=self.run.run_id)
 
-    def resume(self, checkpoint_dir: str | Path | None = None) -> bool:
+    def resume(self, checkpoint: str | Path | ckpt.IntactCheckpoint | None = None) -> bool:
         """Restore model, optimizer, schedule position, scaler, RNG and data position.
 
-        Reads ``checkpoint_dir``, or the newest checkpoint of the run directory; returns False
-        (and changes nothing) when there is none.
+        Reads ``checkpoint`` (a directory, or one already read by
+        :func:`~minivlm.train.checkpoint.load_intact_checkpoint`), or else the newest intact
+        checkpoint of this run (newer damaged ones are skipped with a warning); returns False
+        (and changes nothing but the metrics log, cut back to step 0) when there is none.
 
         Raises:
             ValueError: the checkpoint was trained with another global batch size (its data
                 positions would not line up).
-            FileNotFoundError: ``checkpoint_dir`` is not a training checkpoint.
+            FileNotFoundError: ``checkpoint`` is not a training checkpoint.
+            CheckpointError: ``checkpoint`` cannot be read, or no checkpoint of the run is intact.
         """
-        directory = Path(checkpoint_dir) if checkpoint_dir else ckpt.latest_checkpoint(self.run_dir)
-        if directory is None:
+        if isinstance(checkpoint, ckpt.IntactCheckpoint):
+            found = checkpoint
+        elif checkpoint:
+            found = ckpt.read_checkpoint(checkpoint)
+        else:
+            found = ckpt.load_intact_checkpoint(self.run_dir, self.run.run_id or None)
+        if found is None:
             log.info("no checkpoint in %s: starting from step 0", self.run_dir)
+            if self.dist.is_main:
+                trim_metrics(self.metrics_path, 0)  # records of an attempt that died before its first checkpoint
             return False
-        state = ckpt.load_trainer_state(directory)
+        directory, state = found.path, found.trainer_state
         position = state["data_position"]
         if position["global_batch"] != self.global_batch:
             raise ValueError(f"cannot resume {directory}: it was trained with global batch "
                              f"{position['global_batch']}, this run has {self.global_batch} "
                              f"(batch_size x grad_accum x world_size)")
-        self.dist.load_model_state(self.model, load_safetensors(directory / "model.safetensors"))
+        self.dist.load_model_state(self.model, found.model_state)
         self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state["total_steps"] != self.total_steps:
             log.warning("resuming the checkpoint's schedule of %d steps (train.steps=%d is ignored)",
@@ -296,17 +312,10 @@ class Trainer:
         self.overflow_total = state["overflow_total"]
         self.skipped_samples = Counter(state["skipped_samples"])
         self._saved_step = self.step
-        self._trim_metrics()
+        if self.dist.is_main:
+            trim_metrics(self.metrics_path, self.step)  # the resumed run rewrites what came after
         log.info("resumed from %s at step %d", directory, self.step)
         return True
-
-    def _trim_metrics(self) -> None:
-        """Drop records a crashed run wrote after its last checkpoint; the resumed run rewrites them."""
-        if not self.dist.is_main or not self.metrics_path.is_file():
-            return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     # ---- signals --------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
@@ -396,14 +405,23 @@ class Trainer:
                                     start_step=self.step, total_steps=self.total_steps)
         return sampler, ConcatDataset(datasets)
 
-    def fit(self, resume: bool = False, max_minutes: float | None = None) -> TrainResult:
+    def fit(self, resume: bool | ckpt.IntactCheckpoint = False, max_minutes: float | None = None,
+            overwrite: bool = False) -> TrainResult:
         """Train until ``train.steps``, a signal, or the time budget; see :class:`TrainResult`.
+
+        ``resume``: continue the run of the directory from its newest intact checkpoint (or the
+        one given). A new run (``resume=False``) refuses a directory holding another run unless
+        ``overwrite`` (:meth:`RunDirectory.begin <minivlm.train.run_dir.RunDirectory.begin>`).
 
         Raises:
             TrainingAborted: ``train.max_nonfinite`` consecutive steps had a non-finite loss.
+            RunDirectoryError: a new run into a directory that holds another run.
         """
+        collectively(self.dist, lambda: self.run.begin(resume=bool(resume), overwrite=overwrite), self.run_dir)
+        if self._tb is None:
+            self._tb = self._tensorboard()
         if resume:
-            self.resume()
+            self.resume(resume if isinstance(resume, ckpt.IntactCheckpoint) else None)
         max_minutes = max_minutes if max_minutes is not None else self.tcfg.max_minutes
         sampler, data = self._sampler_and_data()
         loader = make_loader(data, self.processor, sampler, packing=self.cfg.data.packing,
@@ -471,8 +489,21 @@ class Trainer:
         seconds = time.perf_counter() - t_start
         if self.skipped_samples and self.dist.is_main:
             log.warning("skipped samples: %s", dict(self.skipped_samples))
-        return TrainResult(self.step, status, last_loss, seconds, tokens_seen / max(seconds, 1e-9),
-                           self.nonfinite_total, dict(self.skipped_samples), history, self.overflow_total)
+        return TrainResult(self.step, self._final_status(status), last_loss, seconds,
+                           tokens_seen / max(seconds, 1e-9), self.nonfinite_total, dict(self.skipped_samples), history,
+                           self.overflow_total, self._stop_signal if status == "interrupted" else None)
+
+    def _final_status(self, status: str) -> str:
+        """``nonfinite`` when more than half of the run's steps so far (resumed parts included)
+        were skipped as non-finite or fp16 overflows: such a run did not train, whatever its
+        step count says."""
+        bad = self.nonfinite_total + self.overflow_total
+        if status == "interrupted" or 2 * bad <= self.step:
+            return status
+        if self.dist.is_main:
+            log.error("%d of the %d steps of this run were skipped for a non-finite loss or gradient: the model "
+                      "did not train (lower train.lr, or use train.precision=bf16 or fp32)", bad, self.step)
+        return "nonfinite"
 
     def _thread_tuner(self) -> ThreadTuner | None:
         """On the CPU: ``train.cpu_threads`` threads, or (0) the count chosen by timing steps."""

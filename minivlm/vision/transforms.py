@@ -117,11 +117,13 @@ class ProcessedImage:
             last, so ``n_views = rows * cols + 1``.
         rows: tile grid rows (0 when not split).
         cols: tile grid columns (0 when not split).
+        global_first: the global view comes before the tiles (nanoVLM's order) instead of after.
     """
 
     pixel_values: torch.Tensor
     rows: int
     cols: int
+    global_first: bool = False
 
     @property
     def n_views(self) -> int:
@@ -213,6 +215,11 @@ class ImageProcessor:
         )
         pixel_values = torch.cat([tiles, global_view.unsqueeze(0)], dim=0)
         return ProcessedImage(pixel_values=pixel_values, rows=rows, cols=cols)
+
+    def frame(self, image: Any) -> torch.Tensor:
+        """One video frame as a single unsplit view ``[1, 3, S, S]``."""
+        rgb = load_image(image, max_pixels=self.config.max_pixels)
+        return self._global_view(rgb).unsqueeze(0)
 
     def unnormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Undo the normalisation: ``[..., 3, H, W]`` -> same shape in ``[0, 1]``, for display."""
