@@ -1,8 +1,7 @@
-"""The four swappable parts: exact-key registries, the built-in variants, and the part contract.
+"""The four swappable parts: their registries, the built-in variants, and the part contract.
 
-A registry maps a config's ``kind`` string to the class that builds it. Lookup is exact:
-``"mlp"`` never matches ``"mof_mlp"`` (a prefix or substring match is how a typo silently builds
-the wrong model). The built-in variants are listed below, one line each, and nowhere else: no
+A registry (:class:`~minivlm.registry_base.Registry`) maps a config's ``kind`` string to the class
+that builds it, by exact key. The built-in variants are listed below, one line each, and nowhere else: no
 part registers itself as a side effect of being imported. Adding a variant is one file plus one
 line in its table (or ``PROJECTORS.register("name", MyProjector)`` from outside the package).
 
@@ -28,8 +27,6 @@ as class methods, what the rest of the model needs to know about it without swit
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
-
 from minivlm.config import ConfigError, VLMConfig
 from minivlm.decoders.llama import LlamaDecoder
 from minivlm.encoders.vit import VisionTransformer
@@ -41,55 +38,10 @@ from minivlm.projectors.linear import LinearProjector
 from minivlm.projectors.mlp import MLPProjector
 from minivlm.projectors.pixel_shuffle import PixelShuffleProjector
 from minivlm.projectors.resampler import ResamplerProjector
+from minivlm.registry_base import Registry
 
 __all__ = ["DECODERS", "ENCODERS", "FUSIONS", "PROJECTORS", "Registry", "image_seq_len", "image_tokens",
            "validate_config"]
-
-T = TypeVar("T")
-
-
-class Registry(Generic[T]):
-    """A named table of builders for one part of the model (e.g. ``PROJECTORS``)."""
-
-    def __init__(self, part: str, builtins: dict[str, T] | None = None):
-        self.part = part
-        self._table: dict[str, T] = {}
-        for name, obj in (builtins or {}).items():
-            self.register(name, obj)
-
-    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
-        """Add ``obj`` under ``name``; without ``obj``, a decorator that does.
-
-        Raises:
-            ValueError: ``name`` is taken.
-        """
-        def add(obj: T) -> T:
-            if name in self._table:
-                raise ValueError(f"{self.part} {name!r} is registered twice")
-            self._table[name] = obj
-            return obj
-
-        return add if obj is None else add(obj)
-
-    def unregister(self, name: str) -> None:
-        """Remove ``name`` (e.g. a variant a test registered); unknown names are an error."""
-        self.get(name)
-        del self._table[name]
-
-    def get(self, name: str) -> T:
-        try:
-            return self._table[name]
-        except KeyError:
-            raise ValueError(
-                f"unknown {self.part} {name!r}; expected one of {sorted(self._table)}"
-            ) from None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._table
-
-    def names(self) -> list[str]:
-        return sorted(self._table)
-
 
 ENCODERS: Registry = Registry("encoder", {
     "vit": VisionTransformer,

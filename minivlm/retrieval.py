@@ -264,23 +264,6 @@ def train_retrieval(model: VisionLanguageModel, dataset, steps: int, *, batch_si
     return result
 
 
-def evaluate_retrieval(model: VisionLanguageModel, dataset, *, limit: int | None = None,
-                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image recall@k and ranks over the first ``limit`` pairs of ``dataset``.
-
-    Returns :func:`minivlm.eval.retrieval.retrieval_metrics`'s dict, plus ``"n"``.
-    """
-    from minivlm.eval.retrieval import retrieval_metrics
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n < 1:
-        raise ValueError("evaluate_retrieval needs at least one image-caption pair")
-    images, captions = zip(*(image_and_caption(dataset[i]) for i in range(n)))
-    metrics = retrieval_metrics(embed_images(model, images), embed_texts(model, list(captions)), ks=ks)
-    metrics["n"] = float(n)
-    return metrics
-
-
 __all__ = [
     "HEAD_CONFIG_NAME",
     "HEAD_WEIGHTS_NAME",
@@ -292,7 +275,6 @@ __all__ = [
     "contrastive_loss",
     "embed_images",
     "embed_texts",
-    "evaluate_retrieval",
     "image_embeddings",
     "load_pretrained",
     "rank",
