@@ -364,7 +364,7 @@ def test_an_interrupted_stream_leaves_the_model_and_autograd_as_they_were():
 
 
 # ---- the compiled decode step ----------------------------------------------------------------------------
-@pytest.mark.parametrize("fusion", ["splice", "prefix"])
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
     model = lively_model(fusion)
     graphs = []

@@ -142,8 +142,10 @@ class CrossAttentionFusion(nn.Module):
         if state is None:
             return FusedInputs(text_embeds, mask)
         seen = state.images_seen[:, None] + torch.cumsum(is_marker.long(), dim=1)  # [B, T]
-        if cache is not None:
-            self._states[cache] = CrossAttentionState(state.images, state.key_image_ids, seen[:, -1])
+        if cache is not None and image_embeds is not None:  # a prefill: keep the images for the decode steps
+            self._states[cache] = CrossAttentionState(state.images, state.key_image_ids, seen[:, -1].clone())
+        elif cache is not None:  # a decode step: same state object, updated in place (one compiled graph)
+            state.images_seen.copy_(seen[:, -1])
         cross_mask = AttentionMask.cross(seen, state.key_image_ids)
 
         def hook(layer: int, h: Tensor) -> Tensor:
