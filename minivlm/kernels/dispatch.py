@@ -36,7 +36,8 @@ Default choice (measured on one H200, see ``/work/shared/DESIGN.md``):
 * on CPU everything goes to SDPA (with a boolean mask where needed): flex has no CPU backward and
   Triton runs on CPU only through its interpreter;
 * ``cross`` (Flamingo) masks go to SDPA: neither fused kernel implements the cross rule;
-* decode steps (``q_offset > 0``) stay on SDPA: FlexAttention compiles per shape and offset.
+* attention against a KV cache (decode steps, a prefill into the static buffer) stays on SDPA:
+  FlexAttention compiles per shape and offset.
 """
 
 from __future__ import annotations
@@ -149,9 +150,13 @@ def default_backend(mask_kind: str, device_type: str) -> str:
     return name if name in BACKENDS else "sdpa"
 
 
-def pick_backend(mask: AttentionMask, device: torch.device) -> str:
-    """The default backend for one call: decode steps (``q_offset > 0``) stay on SDPA."""
-    return "sdpa" if mask.q_offset else default_backend(mask.kind, device.type)
+def pick_backend(mask: AttentionMask, device: torch.device, T: int | None = None, S: int | None = None) -> str:
+    """The default backend for one call of ``T`` queries against ``S`` keys: attention against a KV
+    cache (an offset, or fewer queries than keys: a prefill into a static buffer, a decode step)
+    stays on SDPA, which takes any query count without recompiling (FlexAttention would not)."""
+    if mask.q_offset or (T is not None and S is not None and T != S and not mask.is_cross):
+        return "sdpa"
+    return default_backend(mask.kind, device.type)
 
 
 @contextmanager
@@ -194,7 +199,7 @@ def attention(
     if _overrides:
         return _overrides[-1](q, k, v, mask, scale=scale)
     if backend in (None, "auto"):
-        backend = pick_backend(mask, q.device)
+        backend = pick_backend(mask, q.device, q.shape[2], k.shape[2])
     try:
         fn = BACKENDS[backend]
     except KeyError:
