@@ -221,10 +221,12 @@ class VisionLanguageModel(nn.Module):
             loss_weights: ``[B, T]`` float, aligned with ``labels``: each supervised token's weight
                 in the loss (:mod:`minivlm.train.loss_weighting`); default 1.
             validate: run :meth:`check_inputs` first (host syncs; skipped while compiling). Callers
-                whose data was checked where it entered (the trainer, generation) pass False.
+                whose data was checked where it entered pass False (generation does; a training
+                loop fed by the processor and collator may).
 
-        Nothing here reads a tensor's values on the host: with ``validate=False`` (or compiled)
-        the forward and the loss are one graph.
+        Nothing else reads a tensor's values on the host (a multi-token forward into a KV cache
+        reads the cache's write position once): with ``validate=False``, or compiled, training
+        forward + loss and a decode step are each one graph.
         """
         self._check_shapes(input_ids, attention_mask, position_ids, document_ids, branch_ids, cache, labels,
                            loss_weights)
