@@ -82,12 +82,12 @@ def busy_loop() -> None:
         pass
 
 
-def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, Any]:
+def run_seed(seed: int, out: Path, overrides: list[str], eval_limit: int | None = None) -> dict[str, Any]:
     run_dir = out / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "minivlm", "train", "--seed", str(seed), "--out", str(run_dir),
-               "--no-progress", *overrides]
+    command = [sys.executable, "-m", "minivlm", "train", "--seed", str(seed), "--out", str(run_dir), "--overwrite",
+               "--no-progress", *(["--eval-limit", str(eval_limit)] if eval_limit else []), *overrides]
     t0 = time.perf_counter()
     with open(run_dir / "train.log", "w") as log:
         code = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/main_job"))
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (each gets cores / jobs threads)")
     parser.add_argument("--busy-cores", type=int, default=0, help="other processes kept busy during the runs")
+    parser.add_argument("--eval-limit", type=int, help="score at most this many test samples per task (smoke runs)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = list(args.overrides)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     try:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            rows = list(pool.map(lambda seed: run_seed(seed, args.out, overrides), args.seeds))
+            rows = list(pool.map(lambda seed: run_seed(seed, args.out, overrides, args.eval_limit), args.seeds))
     finally:
         for process in busy:
             process.terminate()

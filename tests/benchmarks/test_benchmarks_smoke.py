@@ -217,3 +217,23 @@ def test_junit_counts_reads_pytest_xml(tmp_path):
     xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>')
     assert junit_counts(xml) == "2 passed, 1 failed, 2 skipped"
     assert junit_counts(tmp_path / "missing.xml") is None
+
+
+@pytest.mark.slow
+def test_main_job_benchmark_writes_the_per_seed_table(tmp_path):
+    """Two seeds of a 3-step main job: one row each with steps, seconds, metrics and the demo chat."""
+    from benchmarks import main_job
+
+    out = tmp_path / "mj"
+    code = main_job.main(["--seeds", "0", "1", "--out", str(out), "--eval-limit", "8", "--jobs", "2",
+                          "train.steps=3", "data.curriculum_steps=1"])
+    report = json.loads((out / "main_job.json").read_text())
+    assert code == 0 and [row["seed"] for row in report["rows"]] == [0, 1]
+    for row in report["rows"]:
+        assert row["exit_code"] == 0 and row["steps"] == 3
+        assert 0 <= row["metrics"]["easy_vqa/accuracy"] <= 1 and "charts/max_value" in row["metrics"]
+        assert [c["question"] for c in row["chat"]] == ["what shape is in the image?",
+                                                         "What is the highest value in the bar chart?"]
+        assert all(c["correct"] == (c["answer"] == c["expected"]) for c in row["chat"])
+    table = (out / "main_job.md").read_text()
+    assert table.count("\n| 0 |") == 1 and table.count("\n| 1 |") == 1 and "| target |" in table

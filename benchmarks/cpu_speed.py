@@ -1,0 +1,119 @@
+"""What makes the main job's steps fast on a small CPU, each measured A/B, interleaved, in one process.
+
+Run from the repository root::
+
+    python -m benchmarks.cpu_speed [--rounds 5] [--out DIR]
+
+Rows (``tiny``, the main job's data, real rendered batches):
+
+* ``adamw``: one optimizer step, the fused AdamW kernel vs the default for-each path;
+* ``render``: rendering one grouped easy-VQA item (~10 questions about one image), its image
+  preprocessed once for the group (:class:`minivlm.text.processor.MediaCache`) vs once per question;
+* ``step``: one whole training step (forward, backward, optimizer) under 1 vs 2 (all) threads:
+  which is faster depends on what else the machine runs, which is why the trainer measures it
+  (:mod:`minivlm.train.threads`).
+
+Each row alternates A B A B for ``--rounds`` rounds and reports the medians and their ratio.
+Note the load (``uptime``) with the numbers: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import environment
+
+
+def interleaved(a, b, rounds: int, repeat: int = 1) -> tuple[float, float]:
+    """Median seconds of ``a()`` and of ``b()``, called alternately ``rounds`` times each."""
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for _ in range(rounds):
+        for name, fn in (("a", a), ("b", b)):
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            times[name].append((time.perf_counter() - t0) / repeat)
+    return statistics.median(times["a"]), statistics.median(times["b"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    from minivlm.config import preset
+    from minivlm.data import build_dataset
+    from minivlm.model import VisionLanguageModel
+    from minivlm.text.processor import MediaCache
+    from minivlm.train.data import make_loader
+    from minivlm.train.recipe import attach_tokenizer, build_processor, build_tokenizer
+    from minivlm.train.trainer import Trainer
+
+    cfg = preset("tiny")
+    data = build_dataset(cfg.data.mixture, "train", seed=0, image_size=cfg.encoder.image_size)
+    tokenizer = build_tokenizer(data, cfg.decoder.vocab_size)
+    processor = build_processor(attach_tokenizer(cfg, tokenizer), tokenizer)
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg.validate())
+    rows = []
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    fused, foreach = (torch.optim.AdamW(params, lr=1e-4, fused=f) for f in (True, False))
+    rows.append(("adamw: fused / for-each", *interleaved(fused.step, foreach.step, args.rounds, repeat=10)))
+
+    groups = build_dataset("easy_vqa_grouped", "train", seed=0, image_size=cfg.encoder.image_size)
+    items = [groups[i] for i in range(40)]
+
+    def render(shared: bool):
+        for item in items:
+            cache = MediaCache() if shared else None
+            for sample in item:
+                processor.render(sample["messages"], for_training=True, media_cache=cache)
+
+    once, each = interleaved(lambda: render(True), lambda: render(False), args.rounds)
+    rows.append(("render a grouped item: image once / per question", once / len(items), each / len(items)))
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.train.save_every = 0
+        trainer = Trainer(model, processor, data, run_dir, progress=False)
+        sampler, dataset = trainer._sampler_and_data()
+        loader = make_loader(dataset, processor, sampler, packing=cfg.data.packing, max_length=cfg.data.max_length,
+                             loss_weighting=cfg.train.loss_weighting)
+        batches = iter(loader)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+        def step(threads: int):
+            torch.set_num_threads(threads)
+            trainer._train_step(batches)
+
+        step(cores)  # warm-up
+        rows.append((f"train step: 1 thread / {cores} threads",
+                     *interleaved(lambda: step(1), lambda: step(cores), args.rounds)))
+
+    load = os.getloadavg()
+    lines = [f"CPU A/B, interleaved, {args.rounds} rounds (load before/after: {load[0]:.2f})",
+             "| what | A ms | B ms | A / B |", "|---|---|---|---|"]
+    lines += [f"| {name} | {1000 * a:.2f} | {1000 * b:.2f} | {a / b:.2f} |" for name, a, b in rows]
+    text = "\n".join(lines)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu_speed.json").write_text(json.dumps(
+            {"environment": environment(torch.device("cpu")), "load": load,
+             "rows": [{"what": n, "a_s": a, "b_s": b} for n, a, b in rows]}, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
