@@ -11,8 +11,8 @@ Mask kinds (``AttentionMask.kind``), full shapes (the DESIGN.md reference measur
 * ``padded_causal``: right padding of 0, 1/8, 1/4, 3/8 of each row's length;
 * ``bidirectional``: ViT-shaped self-attention, B16 H12 S1024 Dh64.
 
-Backends: every entry of ``minivlm.layers.attention.BACKENDS`` (``math``, ``sdpa``, ``flex``,
-``triton``), called through the entry point :func:`minivlm.layers.attention.attention` with the
+Backends: every entry of ``minivlm.kernels.dispatch.BACKENDS`` (``math``, ``sdpa``, ``flex``,
+``triton``), called through the entry point :func:`minivlm.kernels.dispatch.attention` with the
 backend forced. Reference rows: ``sdpa_per_document`` (one flash-eligible causal SDPA call per
 packed document: the "varlen ideal" of DESIGN.md, Python loop included) and, where torch has it on
 CUDA, ``varlen_attn`` (``torch.nn.attention.varlen``, FlashAttention's varlen kernel: one call for
@@ -37,7 +37,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-import minivlm.kernels  # noqa: F401  (registers flex / triton where they load)
 from benchmarks.common import (
     Budget,
     Report,
@@ -48,7 +47,8 @@ from benchmarks.common import (
     time_ms,
 )
 from benchmarks.tables import format_table
-from minivlm.layers.attention import BACKENDS, AttentionMask, attention
+from minivlm.kernels.dispatch import BACKENDS, attention
+from minivlm.kernels.mask import AttentionMask
 
 MASK_KINDS = ("causal", "prefix_lm", "documents", "padded_causal", "bidirectional")
 MODES = ("fwd", "fwd+bwd")

@@ -39,6 +39,7 @@ from benchmarks.common import (
 from benchmarks.models import benchmark_config, build_idefics3, build_minivlm, text_token_range
 from benchmarks.tables import format_table
 from minivlm.config import VLMConfig
+from minivlm.registry import image_seq_len
 
 PROMPT_TEXT_TOKENS = 16
 BATCHES = (1, 8)
@@ -53,7 +54,7 @@ def make_prompt(config: VLMConfig, batch: int, device: torch.device, dtype: torc
     generator = torch.Generator().manual_seed(0)
     low, high = text_token_range(config)
     text = torch.randint(low, high, (batch, PROMPT_TEXT_TOKENS), generator=generator)
-    placeholders = torch.full((batch, config.image_seq_len), config.image_token_id)
+    placeholders = torch.full((batch, image_seq_len(config)), config.image_token_id)
     e = config.encoder
     pixels = torch.randn(batch, e.pixel_channels, e.image_size, e.image_size, generator=generator)
     return torch.cat([placeholders, text], dim=1).to(device), pixels.to(device=device, dtype=dtype)

@@ -37,6 +37,7 @@ from torch import nn
 from benchmarks.common import RowSkipped
 from minivlm.config import VLMConfig, preset
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import image_tokens
 
 #: transformers' name for the tanh-approximated GELU minivlm calls ``gelu_tanh``.
 _HF_ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
@@ -199,5 +200,5 @@ class FlopModel:
             flops += 12 * d.n_layers * attention_width * length * (length + 1) / 2
         patches = e.n_patches
         flops += n_images * (6 * self.encoder_params * patches + 12 * e.depth * e.width * patches**2)
-        flops += n_images * 6 * self.projector_params * self.config.image_tokens
+        flops += n_images * 6 * self.projector_params * image_tokens(self.config)
         return flops

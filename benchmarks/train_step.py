@@ -72,6 +72,7 @@ from benchmarks.tables import format_table
 from minivlm.config import VLMConfig
 from minivlm.data.collate import IGNORE_INDEX, pack_collate, pad_collate, plan_packing
 from minivlm.kernels.fused_ce import fused_linear_cross_entropy
+from minivlm.registry import image_seq_len
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,9 @@ def make_sample(config: VLMConfig, question: int, answer: int, generator: torch.
     """``image_seq_len`` placeholders, ``question`` prompt tokens, ``answer`` supervised tokens."""
     low, high = text_token_range(config)
     text = torch.randint(low, high, (question + answer,), generator=generator)
-    input_ids = torch.cat([torch.full((config.image_seq_len,), config.image_token_id), text])
+    input_ids = torch.cat([torch.full((image_seq_len(config),), config.image_token_id), text])
     labels = input_ids.clone()
-    labels[: config.image_seq_len + question] = IGNORE_INDEX
+    labels[: image_seq_len(config) + question] = IGNORE_INDEX
     e = config.encoder
     pixels = torch.randn(1, e.pixel_channels, e.image_size, e.image_size, generator=generator)
     return {"input_ids": input_ids.tolist(), "labels": labels.tolist(), "pixel_values": pixels}
@@ -105,9 +106,9 @@ def make_sample(config: VLMConfig, question: int, answer: int, generator: torch.
 
 def fixed_samples(config: VLMConfig, shape: StepShape, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
     question = (shape.question_min + shape.question_max) // 2
-    answer = shape.seq_len - config.image_seq_len - question
+    answer = shape.seq_len - image_seq_len(config) - question
     if answer < 1:
-        raise ValueError(f"seq_len {shape.seq_len} leaves no answer after {config.image_seq_len} image tokens")
+        raise ValueError(f"seq_len {shape.seq_len} leaves no answer after {image_seq_len(config)} image tokens")
     return [make_sample(config, question, answer, generator) for _ in range(n)]
 
 
@@ -118,7 +119,7 @@ def variable_samples(config: VLMConfig, shape: StepShape, n: int, generator: tor
     for _ in range(n):
         question = int(torch.randint(shape.question_min, shape.question_max + 1, (), generator=generator))
         answer = int(round(math.exp(log_lo + (log_hi - log_lo) * float(torch.rand((), generator=generator)))))
-        answer = max(1, min(answer, shape.seq_len - config.image_seq_len - question))
+        answer = max(1, min(answer, shape.seq_len - image_seq_len(config) - question))
         samples.append(make_sample(config, question, answer, generator))
     return samples
 
@@ -362,7 +363,7 @@ def build_batches(config: VLMConfig, shape: StepShape, settings: RunSettings, n_
     fixed = fixed_samples(config, shape, shape.batch * n_steps, generator)
     # Enough samples for n_steps packed steps: the log-uniform answer's mean is (hi - lo) / ln(hi / lo).
     mean_answer = (shape.answer_max - shape.answer_min) / math.log(shape.answer_max / shape.answer_min)
-    mean_len = config.image_seq_len + (shape.question_min + shape.question_max) / 2 + mean_answer
+    mean_len = image_seq_len(config) + (shape.question_min + shape.question_max) / 2 + mean_answer
     n_variable = int(1.3 * n_steps * shape.batch * shape.seq_len / mean_len) + shape.batch
     variable = variable_samples(config, shape, n_variable, generator)
     pad_id = 0

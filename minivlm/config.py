@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minivlm.config_types import check_value, parse_value
+from minivlm.config_types import ConfigError, check_value, parse_value
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value or combination; the message names the field."""
+def require(condition: bool, name: str, message: str) -> None:
+    """Raise :class:`ConfigError` ``"<name>: <message>"`` unless ``condition`` holds (parts'
+    ``check_config`` use it too, so every message names its field the same way)."""
+    if not condition:
+        raise ConfigError(f"{name}: {message}")
 
 
 @dataclass
@@ -220,100 +223,39 @@ class VLMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     image_token_id: int = 3
-    attention_backend: str = "auto"
+    attention_backend: str = "auto"  # auto | a backend of minivlm.kernels.dispatch.BACKENDS
     name: str = "custom"
-
-    # ---- derived shapes --------------------------------------------------------------------
-    @property
-    def image_tokens(self) -> int:
-        """Tokens one image becomes after encoder + projector."""
-        p = self.projector
-        if p.kind == "pixel_shuffle":
-            return self.encoder.n_patches // (p.shuffle_factor**2)
-        if p.kind == "resampler":
-            return p.n_latents
-        return self.encoder.n_patches
-
-    @property
-    def image_seq_len(self) -> int:
-        """Placeholder tokens one image occupies in the text stream (1 marker for cross-attention)."""
-        return 1 if self.fusion.kind == "cross_attention" else self.image_tokens
 
     # ---- validation ------------------------------------------------------------------------
     def validate(self) -> "VLMConfig":
-        e, p, f, d = self.encoder, self.projector, self.fusion, self.decoder
+        """Check what needs no knowledge of the parts: positive sizes, the image token inside the
+        vocabulary, the training and data settings. Raises :class:`ConfigError` naming the field.
 
-        def need(cond: bool, name: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{name}: {msg}")
-
-        for part, cfg in (("encoder", e), ("projector", p), ("fusion", f), ("decoder", d)):
+        Each registered part checks its own fields and derived shapes (tokens per image) come from
+        the parts too: :func:`minivlm.registry.validate_config` runs this and every part's check.
+        """
+        for part in ("encoder", "projector", "fusion", "decoder"):
+            cfg = getattr(self, part)
             for fld in dataclasses.fields(cfg):
                 v = getattr(cfg, fld.name)
                 if isinstance(v, int) and not isinstance(v, bool) and fld.name != "feature_layer":
-                    need(v > 0, f"{part}.{fld.name}", f"must be positive, got {v}")
-        need(e.image_size % e.patch_size == 0 or (e.drop_remainder and e.stem == "patch"), "encoder.image_size",
-             f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size} (encoder.drop_remainder=true "
-             f"lets the patch conv leave the last pixels unread)")
-        need(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
-        need(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
-             f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
-        need(e.activation in ("gelu", "gelu_tanh", "quick_gelu"), "encoder.activation",
-             f"expected gelu | gelu_tanh | quick_gelu, got {e.activation!r}")
-        need(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
-        need(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
-             f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
-        need(e.temporal_input in ("frames", "differences"), "encoder.temporal_input",
-             f"expected frames | differences, got {e.temporal_input!r}")
-        need(e.pos_embed in ("learned", "sincos2d"), "encoder.pos_embed",
-             f"expected learned | sincos2d, got {e.pos_embed!r}")
-        need(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
-             f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
-        need(e.pos_index in ("grid", "idefics3"), "encoder.pos_index", f"expected grid | idefics3, got {e.pos_index!r}")
-        need(e.pos_index == "grid" or (e.pos_embed == "learned" and not e.class_token), "encoder.pos_index",
-             "idefics3 indexes a learned table of patch positions: needs pos_embed=learned and no class token")
-        need(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
-             f"expected none | cls | mean | map, got {e.pooling!r}")
-        need(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")
-        need(e.normalization in ("clip", "siglip", "imagenet"), "encoder.normalization",
-             f"expected clip | siglip | imagenet, got {e.normalization!r}")
-        if p.kind == "pixel_shuffle":
-            need(e.grid_size % p.shuffle_factor == 0, "projector.shuffle_factor",
-                 f"{p.shuffle_factor} does not divide the {e.grid_size}x{e.grid_size} patch grid "
-                 f"(image_size {e.image_size} / patch_size {e.patch_size})")
-        if p.kind == "resampler":
-            need(d.width % p.n_heads == 0, "projector.n_heads",
-                 f"decoder.width={d.width} is not divisible by projector.n_heads={p.n_heads}")
-        need(d.n_heads % d.n_kv_heads == 0, "decoder.n_kv_heads",
-             f"decoder.n_heads={d.n_heads} is not a multiple of n_kv_heads={d.n_kv_heads}")
-        need(d.head_dim is not None or d.width % d.n_heads == 0, "decoder.width",
-             f"{d.width} is not divisible by decoder.n_heads={d.n_heads}; set decoder.head_dim")
-        need(d.resolved_head_dim % 2 == 0, "decoder.head_dim", f"RoPE needs an even head dim, got {d.resolved_head_dim}")
-        need(0 <= self.image_token_id < d.vocab_size, "image_token_id",
-             f"{self.image_token_id} is outside the vocabulary [0, {d.vocab_size})")
-        if f.kind == "cross_attention":
-            heads = f.n_heads or d.n_heads
-            need(d.width % heads == 0, "fusion.n_heads", f"decoder.width={d.width} is not divisible by {heads}")
-            need(f.every <= d.n_layers, "fusion.every", f"{f.every} exceeds decoder.n_layers={d.n_layers}")
+                    require(v > 0, f"{part}.{fld.name}", f"must be positive, got {v}")
+        d = self.decoder
+        require(0 <= self.image_token_id < d.vocab_size, "image_token_id",
+                f"{self.image_token_id} is outside the vocabulary [0, {d.vocab_size})")
         t = self.train
-        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
-             f"expected auto | fp32 | bf16 | fp16, got {t.precision!r}")
-        need(t.schedule in ("cosine", "linear", "constant"), "train.schedule",
-             f"expected cosine | linear | constant, got {t.schedule!r}")
-        need(t.loss_weighting in ("token", "sample", "square"), "train.loss_weighting",
-             f"expected token | sample | square, got {t.loss_weighting!r}")
-        need(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
-             f"expected resize | letterbox | crop, got {self.data.resize!r}")
-        c = self.data
+        require(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+                f"expected auto | fp32 | bf16 | fp16, got {t.precision!r}")
+        require(t.schedule in ("cosine", "linear", "constant"), "train.schedule",
+                f"expected cosine | linear | constant, got {t.schedule!r}")
+        require(t.loss_weighting in ("token", "sample", "square"), "train.loss_weighting",
+                f"expected token | sample | square, got {t.loss_weighting!r}")
+        require(self.data.resize in ("resize", "letterbox", "crop"), "data.resize",
+                f"expected resize | letterbox | crop, got {self.data.resize!r}")
         try:
-            c.curriculum_phases
+            self.data.curriculum_phases
         except ValueError as err:
-            need(False, "data.curriculum", str(err))
-        from minivlm.registry import DECODERS, ENCODERS, FUSIONS, PROJECTORS
-        import minivlm.model  # noqa: F401  (registers the built-in parts)
-
-        for reg, part in ((ENCODERS, e), (PROJECTORS, p), (FUSIONS, f), (DECODERS, d)):
-            need(part.kind in reg, f"{reg.part}.kind", f"unknown {reg.part} {part.kind!r}; expected one of {reg.names()}")
+            require(False, "data.curriculum", str(err))
         return self
 
     # ---- serialisation ---------------------------------------------------------------------

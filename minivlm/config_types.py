@@ -3,7 +3,7 @@
 A dataclass field's annotation (``int``, ``float``, ``bool``, ``str``, ``X | None``,
 ``tuple[float, float]``, ``tuple[str, ...]``, ``dict[str, float]``) says what a JSON value may
 be. :func:`check_value` returns the value in the field's type, or raises
-:class:`~minivlm.config.ConfigError` naming the dotted field, the expected type and what came.
+:class:`ConfigError` naming the dotted field, the expected type and what came.
 JSON has no tuples (lists are accepted) and writes whole floats as integers (an ``int`` is
 accepted for a ``float``); nothing else is converted: a string is never parsed as a number.
 """
@@ -14,6 +14,11 @@ import json
 import types
 import typing
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or combination; the message names the field (re-exported by
+    :mod:`minivlm.config`, which is where callers import it from)."""
 
 
 #: JSON value types each scalar annotation accepts (an integer is a whole float in JSON).
@@ -38,7 +43,6 @@ def type_name(annotation: Any) -> str:
 
 def check_value(value: Any, annotation: Any, name: str) -> Any:
     """``value`` as the annotated type; ``ConfigError`` naming ``name`` when it is not one."""
-    from minivlm.config import ConfigError
 
     def fail() -> ConfigError:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
@@ -84,8 +88,6 @@ def check_value(value: Any, annotation: Any, name: str) -> Any:
 
 def parse_value(raw: str, t: Any, name: str) -> Any:
     """Parse a command-line string (``decoder.n_layers=8``) into the field's annotated type."""
-    from minivlm.config import ConfigError
-
     args = typing.get_args(t)
     if typing.get_origin(t) in (typing.Union, types.UnionType):
         if raw.lower() in ("none", "null"):

@@ -39,17 +39,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from minivlm.layers.attention import BACKENDS, AttentionMask, math_attention
+from minivlm.kernels.dispatch import override_backend
+from minivlm.kernels.mask import AttentionMask
+from minivlm.kernels.reference import math_attention
 from minivlm.model import IGNORE_INDEX
+from minivlm.registry import FUSIONS, PROJECTORS
 
 log = logging.getLogger(__name__)
 
 _ENCODER_BLOCK = re.compile(r"^encoder\.blocks\.\d+\.")
 _DECODER_LAYER = re.compile(r"^decoder\.layers\.\d+\.")
-_RESAMPLER_LAYER = re.compile(r"^projector\.layers\.\d+$")
-_CROSS_BLOCK = re.compile(r"^fusion\.blocks\.\d+$")
-#: Projectors whose image token ``i`` is patch ``i``.
-ONE_TO_ONE_PROJECTORS = ("linear", "mlp")
+_PROJECTOR = re.compile(r"^projector\.")
+_FUSION = re.compile(r"^fusion\.")
 
 
 class ExplainError(ValueError):
@@ -83,10 +84,10 @@ class AttentionRecorder:
 def record_attention(model: nn.Module) -> Iterator[AttentionRecorder]:
     """Record the probabilities of every attention call ``model`` makes inside the block.
 
-    Every registered backend is temporarily replaced by an fp32 reference that keeps its
-    probabilities (so dispatch, whatever it picks, lands here), and forward hooks keep a stack of
-    the module names being executed so each record is named by its caller. Everything is
-    restored on exit, also when the block raises.
+    Every attention call inside the block is routed to an fp32 reference that keeps its
+    probabilities (:func:`~minivlm.kernels.dispatch.override_backend`: whatever backend a module
+    chose), and forward hooks keep a stack of the module names being executed so each record is
+    named by its caller. Everything is restored on exit, also when the block raises.
 
     Example::
 
@@ -116,13 +117,10 @@ def record_attention(model: nn.Module) -> Iterator[AttentionRecorder]:
     for name, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(entering(name)))
         handles.append(module.register_forward_hook(leaving))
-    saved = dict(BACKENDS)
-    for key in saved:
-        BACKENDS[key] = recording_attention
     try:
-        yield recorder
+        with override_backend(recording_attention):
+            yield recorder
     finally:
-        BACKENDS.update(saved)
         for handle in handles:
             handle.remove()
 
@@ -155,43 +153,25 @@ def attention_rollout(layers: Sequence[Tensor]) -> Tensor:
 def tokens_to_patches(token_weights: Tensor, config, resampler_attention: Sequence[Tensor] = ()) -> Tensor:
     """Map weights over one image's projector tokens ``[P']`` to its patch grid ``[g, g]``.
 
-    Mass is conserved (the grid sums to what the tokens sum to):
+    Each projector declares the mapping (``patch_weights``, the part contract of
+    :mod:`minivlm.registry`); mass is conserved. ``linear`` / ``mlp``: token ``i`` is patch ``i``;
+    ``pixel_shuffle``: a token shares its weight equally over its ``r x r`` patch block;
+    ``resampler``: a latent's weight spreads over the patches as its recorded attention onto them
+    did (``resampler_attention``: the projector's own recorded attention, per layer ``[H, L, P + L]``).
 
-    * ``linear`` / ``mlp``: token ``i`` is patch ``i`` (row-major);
-    * ``pixel_shuffle`` with factor ``r``: token ``(y, x)`` of the coarse grid is the ``r x r``
-      patch block at ``(r*y, r*x)`` and shares its weight equally among them;
-    * ``resampler``: each latent's weight is spread over the patches in proportion to that
-      latent's attention onto the patches, averaged over heads and resampler layers
-      (``resampler_attention``: per layer ``[H, L, P + L]``, keys are patches then latents; the
-      latent-to-latent part is dropped and rows renormalised). An approximation: later layers'
-      latents also carry what earlier latents gathered.
+    Raises:
+        ExplainError: the projector declares no mapping, or the weights do not fit it.
     """
     e, kind = config.encoder, config.projector.kind
-    g = e.grid_size
-    w = token_weights.double()
-    if kind in ONE_TO_ONE_PROJECTORS or (kind not in ("pixel_shuffle", "resampler") and w.numel() == e.n_patches):
-        if w.numel() != e.n_patches:
-            raise ExplainError(f"projector {kind!r}: expected {e.n_patches} image tokens, got {w.numel()}")
-        return w.view(g, g).float()
-    if kind == "pixel_shuffle":
-        r = config.projector.shuffle_factor
-        if w.numel() != (g // r) ** 2:
-            raise ExplainError(f"pixel_shuffle (r={r}): expected {(g // r) ** 2} image tokens, got {w.numel()}")
-        block = torch.full((r, r), 1.0 / (r * r), dtype=torch.float64)
-        return torch.kron(w.view(g // r, g // r), block).float()
-    if kind == "resampler":
-        if not resampler_attention:
-            raise ExplainError("resampler projector: its latents' attention onto the patches is needed "
-                               "(record it with record_attention)")
-        P = e.n_patches
-        to_patches = torch.stack([a.double().mean(0)[:, :P] for a in resampler_attention]).mean(0)  # [L, P]
-        to_patches = to_patches / to_patches.sum(-1, keepdim=True).clamp_min(1e-12)
-        if to_patches.shape[0] != w.numel():
-            raise ExplainError(f"resampler: {to_patches.shape[0]} latents recorded but {w.numel()} token weights given")
-        return (w @ to_patches).view(g, g).float()
-    raise ExplainError(f"no mapping from image tokens to patches for projector {kind!r} with {w.numel()} tokens "
-                       f"for {e.n_patches} patches; supported: {', '.join(ONE_TO_ONE_PROJECTORS)}, pixel_shuffle, "
-                       f"resampler")
+    projector = PROJECTORS.get(kind)
+    if not hasattr(projector, "patch_weights"):
+        raise ExplainError(f"projector {kind!r} declares no patch_weights (minivlm.registry): its image tokens "
+                           f"cannot be mapped back to the {e.n_patches} patches")
+    try:
+        weights = projector.patch_weights(token_weights.double(), config, resampler_attention)
+    except ValueError as error:
+        raise ExplainError(str(error)) from None
+    return weights.view(e.grid_size, e.grid_size).float()
 
 
 def _normalised(x: Tensor) -> np.ndarray:
@@ -285,14 +265,15 @@ def _answer_queries(input_ids: list[int], labels: list[int], end_ids: set[int]) 
 def _answer_attention_on_image(recorder: AttentionRecorder, cfg, input_ids: Tensor,
                                queries: list[int]) -> tuple[Tensor, float | None]:
     """Mean attention of the answer queries on each image token ``[P']`` (over heads, layers and
-    queries), and the share of their self-attention mass on image tokens (None for cross-attention)."""
-    if cfg.fusion.kind == "cross_attention":
-        per_layer = [p[0][:, queries] for p in recorder.matching(_CROSS_BLOCK)]  # [H, Q, P']
-        share = None
-    else:
+    queries), and the share of their self-attention mass on image tokens (None when the fusion keeps
+    images out of the text stream and attends to them itself, as cross-attention does)."""
+    if FUSIONS.get(cfg.fusion.kind).images_in_text_stream:
         image_positions = (input_ids == cfg.image_token_id).nonzero().squeeze(-1)
         per_layer = [p[0][:, queries][:, :, image_positions] for p in recorder.matching(_DECODER_LAYER)]
         share = float(torch.stack([a.sum(-1).mean() for a in per_layer]).mean()) if per_layer else None
+    else:
+        per_layer = [p[0][:, queries] for p in recorder.matching(_FUSION)]  # [H, Q, P']
+        share = None
     if not per_layer:
         raise ExplainError(f"no decoder attention onto the image was recorded (fusion {cfg.fusion.kind!r})")
     return torch.stack([a.mean(dim=(0, 1)) for a in per_layer]).mean(0), share
@@ -341,14 +322,14 @@ def explain(model, image: Any, question: str, *, processor=None, answer: str | N
 
     encoder_layers = [p[0] for p in recorder.matching(_ENCODER_BLOCK)]
     rollout = attention_rollout(encoder_layers)
-    n_prefix = 1 if cfg.encoder.class_token else 0
+    n_prefix = model.encoder.n_prefix  # class token(s) before the patches
     if n_prefix:
         encoder_relevance = rollout[0, n_prefix:]
     else:
         encoder_relevance = rollout[:, n_prefix:].mean(0)
 
     token_attention, share = _answer_attention_on_image(recorder, cfg, input_ids[0].cpu(), queries)
-    patch_weights = tokens_to_patches(token_attention, cfg, [p[0] for p in recorder.matching(_RESAMPLER_LAYER)])
+    patch_weights = tokens_to_patches(token_attention, cfg, [p[0] for p in recorder.matching(_PROJECTOR)])
     g = cfg.encoder.grid_size
     patch_rollout = rollout[n_prefix:, n_prefix:]  # output patch -> input patch, class token left out
     patch_rollout = patch_rollout / patch_rollout.sum(-1, keepdim=True)

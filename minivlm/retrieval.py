@@ -20,19 +20,16 @@ Objectives, both with learnable temperature:
   ``-sum_ij log sigmoid(z_ij (exp(t) * sim_ij + b)) / B`` with ``z = 1`` on matching pairs and
   ``-1`` elsewhere; ``t = log 10`` and ``b = -10`` at initialisation (their eq. 1 and sec. 3).
 
-The projections and temperature live in a :class:`RetrievalHead` attached to the model as
-``model.retrieval_head`` (:func:`attach_retrieval_head`), so optimisers, ``.to()`` and
-distributed wrappers see it with the rest of the model. It is saved beside the checkpoint
-(``retrieval_head.json`` + ``retrieval_head.safetensors``) by :func:`save_pretrained`;
-:func:`load_pretrained` restores both.
+The projections and temperature live in a :class:`~minivlm.retrieval_head.RetrievalHead`, the
+model's declared optional submodule ``model.retrieval_head`` (added by :func:`attach_retrieval_head`),
+so optimisers, ``.to()`` and distributed wrappers see it with the rest of the model, and the
+model's own ``save_pretrained`` / ``from_pretrained`` write and read it beside the weights
+(``retrieval_head.json`` + ``retrieval_head.safetensors``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,175 +38,43 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from minivlm.model import VisionLanguageModel
+from minivlm.retrieval_head import (
+    HEAD_CONFIG_NAME,
+    HEAD_WEIGHTS_NAME,
+    RetrievalConfig,
+    RetrievalHead,
+    clip_loss,
+    siglip_loss,
+)
 
 log = logging.getLogger(__name__)
 
-HEAD_CONFIG_NAME = "retrieval_head.json"
-HEAD_WEIGHTS_NAME = "retrieval_head.safetensors"
-HEAD_PREFIX = "retrieval_head."
-LOSSES = ("clip", "siglip")
-#: CLIP caps its learned logit scale at 100 "to prevent training instability" (Radford et al. 2021, sec. 2.5).
-MAX_LOGIT_SCALE = math.log(100.0)
-
-
-@dataclass
-class RetrievalConfig:
-    """Shape and objective of a :class:`RetrievalHead`.
-
-    Attributes:
-        dim: width of the shared embedding space.
-        loss: ``"clip"`` (softmax InfoNCE) or ``"siglip"`` (pairwise sigmoid).
-        init_temperature: ``exp(t)`` at initialisation; None: the paper's value (1 / 0.07 for
-            CLIP, 10 for SigLIP).
-        init_bias: SigLIP's bias ``b`` at initialisation (ignored by CLIP).
-    """
-
-    dim: int = 128
-    loss: str = "clip"
-    init_temperature: float | None = None
-    init_bias: float = -10.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
-            raise ValueError(f"RetrievalConfig.dim must be a positive int, got {self.dim!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"RetrievalConfig.loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.init_temperature is not None and not (math.isfinite(self.init_temperature) and self.init_temperature > 0):
-            raise ValueError(f"RetrievalConfig.init_temperature must be a positive number or None, "
-                             f"got {self.init_temperature!r}")
-
-    @property
-    def resolved_init_temperature(self) -> float:
-        if self.init_temperature is not None:
-            return self.init_temperature
-        return 1 / 0.07 if self.loss == "clip" else 10.0
-
-
-class RetrievalHead(nn.Module):
-    """Projections of both towers into one space, plus the learned temperature (and SigLIP bias).
-
-    ``image_features [N, D_img] -> [N, E]``, ``text_features [M, D_txt] -> [M, E]``, both
-    L2-normalised; :meth:`loss` takes a batch of matching pairs.
-    """
-
-    def __init__(self, image_dim: int, text_dim: int, config: RetrievalConfig | None = None):
-        super().__init__()
-        self.config = config or RetrievalConfig()
-        dim = self.config.dim
-        self.image_proj = nn.Linear(image_dim, dim, bias=False)
-        self.text_proj = nn.Linear(text_dim, dim, bias=False)
-        # 1/sqrt(fan_in) keeps the projected features at unit scale (CLIP: width ** -0.5).
-        nn.init.normal_(self.image_proj.weight, std=image_dim**-0.5)
-        nn.init.normal_(self.text_proj.weight, std=text_dim**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(self.config.resolved_init_temperature)))
-        self.logit_bias = nn.Parameter(torch.tensor(self.config.init_bias)) if self.config.loss == "siglip" else None
-
-    @classmethod
-    def for_model(cls, model: VisionLanguageModel, config: RetrievalConfig | None = None) -> RetrievalHead:
-        return cls(model.encoder.embed_dim, model.config.decoder.width, config)
-
-    def embed_image_features(self, features: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(features), dim=-1)
-
-    def embed_text_features(self, features: Tensor) -> Tensor:
-        return F.normalize(self.text_proj(features), dim=-1)
-
-    def logits(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """``[N, E], [M, E] -> [N, M]`` scaled similarities (plus the bias for SigLIP)."""
-        logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * image_embeds.float() @ text_embeds.float().T
-        return logits + self.logit_bias if self.logit_bias is not None else logits
-
-    def loss(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """Contrastive loss of ``B`` matching pairs ``[B, E], [B, E]`` (row i matches row i)."""
-        if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-            raise ValueError(f"expected matching [B, E] image and text embeddings, got {list(image_embeds.shape)} "
-                             f"and {list(text_embeds.shape)}")
-        logits = self.logits(image_embeds, text_embeds)
-        if self.config.loss == "clip":
-            return clip_loss(logits)
-        return siglip_loss(logits)
-
-
-def clip_loss(logits: Tensor) -> Tensor:
-    """Symmetric InfoNCE over ``[B, B]`` logits whose diagonal holds the matching pairs (CLIP, fig. 3)."""
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
-def siglip_loss(logits: Tensor) -> Tensor:
-    """Pairwise sigmoid loss over ``[B, B]`` logits, summed and divided by ``B`` (SigLIP, alg. 1)."""
-    labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
-
-
 # ---- the head on the model ----------------------------------------------------------------------------
 def attach_retrieval_head(model: VisionLanguageModel, config: RetrievalConfig | None = None) -> RetrievalHead:
-    """Create a head for ``model`` (on its device and dtype) and attach it as ``model.retrieval_head``."""
-    weight = model.decoder.embed.weight
-    head = RetrievalHead.for_model(model, config).to(device=weight.device, dtype=weight.dtype)
-    model.retrieval_head = head
-    return head
+    """Give ``model`` a new head (on its device and dtype): :meth:`VisionLanguageModel.add_retrieval_head`."""
+    return model.add_retrieval_head(config)
 
 
 def retrieval_head_of(model: VisionLanguageModel) -> RetrievalHead:
     head = getattr(model, "retrieval_head", None)
     if not isinstance(head, RetrievalHead):
         raise ValueError("this model has no retrieval head: attach one with attach_retrieval_head(model) and "
-                         "train it (train_retrieval), or load a checkpoint saved with minivlm.retrieval.save_pretrained")
-    return head
-
-
-def save_retrieval_head(model: VisionLanguageModel, directory: str | Path, state: dict[str, Tensor] | None = None) -> Path:
-    """Write ``retrieval_head.json`` and ``retrieval_head.safetensors`` into ``directory``.
-
-    ``state`` overrides the head's own weights (keys without the ``retrieval_head.`` prefix),
-    e.g. the head's part of a full state gathered from FSDP shards.
-    """
-    from safetensors.torch import save_file
-
-    from minivlm.io_atomic import atomic_path, atomic_write_json
-
-    head = retrieval_head_of(model)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    source = state if state is not None else head.state_dict()
-    with atomic_path(out / HEAD_WEIGHTS_NAME) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in source.items()}, str(tmp))
-    atomic_write_json(out / HEAD_CONFIG_NAME, dataclasses.asdict(head.config))
-    return out
-
-
-def load_retrieval_head(model: VisionLanguageModel, directory: str | Path) -> RetrievalHead | None:
-    """Attach the head saved in ``directory``; None (and no change) when it holds none."""
-    from minivlm.interop.safetensors_io import load_safetensors
-
-    d = Path(directory)
-    if not (d / HEAD_CONFIG_NAME).is_file():
-        return None
-    config = RetrievalConfig(**json.loads((d / HEAD_CONFIG_NAME).read_text()))
-    head = attach_retrieval_head(model, config)
-    state = load_safetensors(d / HEAD_WEIGHTS_NAME, device=str(model.device))
-    missing, unexpected = head.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{d / HEAD_WEIGHTS_NAME} does not match its {HEAD_CONFIG_NAME}: "
-                         f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+                         "train it (train_retrieval), or load a checkpoint saved with one")
     return head
 
 
 def save_pretrained(model: VisionLanguageModel, directory: str | Path) -> Path:
-    """``model.save_pretrained`` with the retrieval head (if any) in its own files beside the weights
-    (written in the same atomic directory replacement)."""
+    """``model.save_pretrained(directory)``: the head, if any, is saved with the model, in its own files
+    beside the weights (written in the same atomic directory replacement)."""
     return model.save_pretrained(directory)
 
 
 def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> VisionLanguageModel:
-    """``VisionLanguageModel.from_pretrained`` plus the retrieval head saved beside it, if any."""
-    model = VisionLanguageModel.from_pretrained(directory, map_location=map_location)
-    load_retrieval_head(model, directory)
-    return model
+    """``VisionLanguageModel.from_pretrained``: the head saved beside the weights, if any, comes with it."""
+    return VisionLanguageModel.from_pretrained(directory, map_location=map_location)
 
 
 # ---- embeddings -------------------------------------------------------------------------------------
@@ -399,23 +264,6 @@ def train_retrieval(model: VisionLanguageModel, dataset, steps: int, *, batch_si
     return result
 
 
-def evaluate_retrieval(model: VisionLanguageModel, dataset, *, limit: int | None = None,
-                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Image->text and text->image recall@k and ranks over the first ``limit`` pairs of ``dataset``.
-
-    Returns :func:`minivlm.eval.retrieval.retrieval_metrics`'s dict, plus ``"n"``.
-    """
-    from minivlm.eval.retrieval import retrieval_metrics
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    if n < 1:
-        raise ValueError("evaluate_retrieval needs at least one image-caption pair")
-    images, captions = zip(*(image_and_caption(dataset[i]) for i in range(n)))
-    metrics = retrieval_metrics(embed_images(model, images), embed_texts(model, list(captions)), ks=ks)
-    metrics["n"] = float(n)
-    return metrics
-
-
 __all__ = [
     "HEAD_CONFIG_NAME",
     "HEAD_WEIGHTS_NAME",
@@ -427,14 +275,11 @@ __all__ = [
     "contrastive_loss",
     "embed_images",
     "embed_texts",
-    "evaluate_retrieval",
     "image_embeddings",
     "load_pretrained",
-    "load_retrieval_head",
     "rank",
     "retrieval_head_of",
     "save_pretrained",
-    "save_retrieval_head",
     "siglip_loss",
     "text_embeddings",
     "train_retrieval",

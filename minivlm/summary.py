@@ -13,8 +13,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minivlm.config import VLMConfig
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.model import PARTS, VisionLanguageModel
+from minivlm.registry import ENCODERS, image_seq_len, image_tokens
 
 
 @dataclass
@@ -56,30 +57,38 @@ def _count(fn) -> int:
 
 
 def count_flops(model: VisionLanguageModel, text_tokens: int = 64) -> dict[str, int]:
-    """Forward FLOPs per part for one image + ``text_tokens`` text tokens (runs on the model's device)."""
+    """Forward FLOPs per part for one image + ``text_tokens`` text tokens (runs on the model's device).
+
+    The fusion's share is what the decoder costs with the fusion's inputs and layer hook minus
+    what it costs on the same embeddings alone (cross-attention blocks run inside the decoder's
+    layers; a splice costs no matmul).
+    """
     cfg = model.config
     dev, dtype = model.device, model.decoder.embed.weight.dtype
     e = cfg.encoder
     pixels = torch.zeros(1, e.pixel_channels, e.image_size, e.image_size, device=dev, dtype=dtype)
-    T = cfg.image_seq_len + text_tokens
+    n_features, n_image = ENCODERS.get(e.kind).feature_tokens(cfg), image_tokens(cfg)
+    placeholders = image_seq_len(cfg)
+    T = placeholders + text_tokens
     D = cfg.decoder.width
     flops: dict[str, int] = {}
     with torch.no_grad():
-        feats = torch.zeros(1, e.n_patches, e.width, device=dev, dtype=dtype)
+        feats = torch.zeros(1, n_features, e.width, device=dev, dtype=dtype)
         flops["encoder"] = _count(lambda: model.encoder(pixels))
         flops["projector"] = _count(lambda: model.projector(feats))
         embeds = torch.zeros(1, T, D, device=dev, dtype=dtype)
         pos = torch.arange(T, device=dev)[None]
         causal = AttentionMask.causal_lm()
         flops["decoder"] = _count(lambda: model.decoder.logits(model.decoder(embeds, causal, pos)))
-        blocks = getattr(model.fusion, "blocks", None)
-        if blocks is not None:
-            images = torch.zeros(1, cfg.image_tokens, D, device=dev, dtype=dtype)
-            cross = AttentionMask.cross(torch.ones(1, T, dtype=torch.long, device=dev),
-                                        torch.zeros(1, cfg.image_tokens, dtype=torch.long, device=dev))
-            flops["fusion"] = _count(lambda: [b(embeds, images, cross) for b in blocks])
-        else:
-            flops["fusion"] = 0
+        ids = torch.full((1, T), cfg.image_token_id + 1 if cfg.image_token_id == 0 else 0, device=dev)
+        ids[0, :placeholders] = cfg.image_token_id
+        images = torch.zeros(1, n_image, D, device=dev, dtype=dtype)
+
+        def fused_decoder() -> None:
+            fused = model.fusion(embeds, images, ids, causal)
+            model.decoder.logits(model.decoder(fused.embeds, fused.mask, pos, layer_hook=fused.layer_hook))
+
+        flops["fusion"] = _count(fused_decoder) - flops["decoder"]
     return flops
 
 
@@ -98,5 +107,5 @@ def summarize(model_or_config: VisionLanguageModel | VLMConfig, text_tokens: int
     meta_model.requires_grad_(False)
     flops = count_flops(meta_model, text_tokens)
     parts = [PartSummary(p, getattr(cfg, p).kind, model.num_parameters(p), trainable[p], flops[p]) for p in PARTS]
-    return ModelSummary(cfg.name, parts, cfg.image_tokens, cfg.image_seq_len, text_tokens,
+    return ModelSummary(cfg.name, parts, image_tokens(cfg), image_seq_len(cfg), text_tokens,
                         model.num_parameters(), sum(flops.values()))

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from minivlm.config import PRESETS, ConfigError, VLMConfig, apply_overrides, preset
+from minivlm.registry import image_seq_len, image_tokens, validate_config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -67,7 +68,7 @@ def test_bad_overrides_name_the_problem(item, fragment):
 ])
 def test_validation_names_the_offending_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        preset("tiny").override(*overrides).validate()
+        validate_config(preset("tiny").override(*overrides))
 
 
 def test_unknown_json_field_is_rejected():
@@ -85,7 +86,7 @@ def test_unknown_preset():
 def test_derived_token_counts():
     cfg = preset("tiny")
     assert cfg.encoder.n_patches == 64
-    assert cfg.image_tokens == 16 == cfg.image_seq_len  # pixel shuffle 2: 64 / 4
-    assert cfg.override("fusion=cross_attention").image_seq_len == 1  # one marker per image
-    assert cfg.override("projector=resampler", "projector.n_latents=9").image_tokens == 9
-    assert cfg.override("projector=mlp").image_tokens == 64
+    assert image_tokens(cfg) == 16 == image_seq_len(cfg)  # pixel shuffle 2: 64 / 4
+    assert image_seq_len(cfg.override("fusion=cross_attention")) == 1  # one marker per image
+    assert image_tokens(cfg.override("projector=resampler", "projector.n_latents=9")) == 9
+    assert image_tokens(cfg.override("projector=mlp")) == 64

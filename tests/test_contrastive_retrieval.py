@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from minivlm.config import preset
 from minivlm.data import build_dataset
 from minivlm.eval.retrieval import recall_at_k
+from minivlm.eval.runner import evaluate_retrieval
 from minivlm.model import VisionLanguageModel
 from minivlm.retrieval import (
     HEAD_CONFIG_NAME,
@@ -22,7 +23,6 @@ from minivlm.retrieval import (
     clip_loss,
     embed_images,
     embed_texts,
-    evaluate_retrieval,
     load_pretrained,
     preprocess_images,
     rank,

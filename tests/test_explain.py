@@ -21,8 +21,11 @@ from minivlm.explain import (
     record_attention,
     tokens_to_patches,
 )
-from minivlm.layers.attention import BACKENDS, AttentionMask, attention, math_attention
+from minivlm.kernels.dispatch import BACKENDS, attention
+from minivlm.kernels.mask import AttentionMask
+from minivlm.kernels.reference import math_attention
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import image_seq_len
 from minivlm.text.tokenizer import Tokenizer
 from minivlm.train.recipe import attach_tokenizer, build_processor
 from minivlm.vision import NORMALIZATIONS
@@ -111,7 +114,7 @@ def test_recorded_attention_matches_the_reference_and_names_its_caller(tokenizer
     model = random_model(tokenizer)
     model.eval()
     ids = torch.full((1, 24), 10)
-    ids[0, 2:2 + model.config.image_seq_len] = model.config.image_token_id
+    ids[0, 2:2 + image_seq_len(model.config)] = model.config.image_token_id
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(ids, pixel_values=pixels).logits
@@ -135,12 +138,17 @@ def test_recording_output_equals_math_attention_with_grouped_query_heads():
     assert recorder.records[0].probs.shape == (2, 4, 5, 7)
 
 
-def test_backends_are_restored_even_when_the_block_raises():
+def test_routing_is_restored_even_when_the_block_raises_and_the_backend_table_is_never_patched():
     before = dict(BACKENDS)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="boom"):
-        with record_attention(torch.nn.Linear(2, 2)):
-            assert all(fn is not before[name] for name, fn in BACKENDS.items())
+        with record_attention(torch.nn.Linear(2, 2)) as recorder:
+            attention(q, k, v, AttentionMask.causal_lm(), backend="sdpa")
+            assert len(recorder.records) == 1
+            assert BACKENDS == before
             raise RuntimeError("boom")
+    attention(q, k, v, AttentionMask.causal_lm(), backend="sdpa")
+    assert len(recorder.records) == 1  # calls after the block are not recorded
     assert BACKENDS == before
 
 

@@ -23,7 +23,6 @@ from minivlm.data import build_dataset
 from minivlm.eval.choice import pick_option
 from minivlm.generate import (
     ChatSession,
-    DecodeCache,
     GenerationConfig,
     ReplyText,
     chat,
@@ -365,7 +364,7 @@ def test_an_interrupted_stream_leaves_the_model_and_autograd_as_they_were():
 
 
 # ---- the compiled decode step ----------------------------------------------------------------------------
-@pytest.mark.parametrize("fusion", ["splice", "prefix"])
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
     model = lively_model(fusion)
     graphs = []
@@ -378,19 +377,14 @@ def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
     step = torch.compile(decode_step, backend=counting_backend, fullgraph=True, dynamic=False)
     batch = model.processor(conversations()[:3], add_generation_prompt=True, padding_side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    cache = DecodeCache.for_model(model, ids.shape[0], model.config.decoder.max_seq_len)
+    cache = model.decoder.new_cache(ids.shape[0], model.config.decoder.max_seq_len)
     tokens = []
     with torch.no_grad():
         logits = prefill(model, cache, ids, mask, batch["pixel_values"])
-        key_valid = torch.zeros(ids.shape[0], cache.max_len, dtype=torch.bool)
-        key_valid[:, : ids.shape[1]] = mask
-        positions = mask.long().sum(1)
         for _ in range(6):
             logits[:, model.config.image_token_id] = float("-inf")
             tokens.append(logits.argmax(-1))
-            logits = step(model, cache, tokens[-1], positions, key_valid)
-            cache.next_column()
-            positions = positions + 1
+            logits = step(model, cache, tokens[-1])
     assert len(graphs) == 1
     assert torch.stack(tokens, 1).tolist() == generate_tokens(model, conversations()[:3], max_new_tokens=6)
 

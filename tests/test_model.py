@@ -7,6 +7,7 @@ import torch
 
 from minivlm import VisionLanguageModel, preset
 from minivlm.model import CheckpointMismatchError
+from minivlm.registry import image_seq_len
 from minivlm.summary import summarize
 
 PROJECTORS = ["linear", "mlp", "pixel_shuffle", "resampler"]
@@ -16,7 +17,7 @@ FUSIONS = ["splice", "cross_attention", "prefix"]
 def make_batch(cfg, images_per_row, T=None, seed=0):
     """Token rows with `images_per_row[b]` placeholder runs each, plus matching pixels."""
     g = torch.Generator().manual_seed(seed)
-    n = cfg.image_seq_len
+    n = image_seq_len(cfg)
     T = T or max(images_per_row) * (n + 2) + 12
     ids = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (len(images_per_row), T), generator=g)
     for b, k in enumerate(images_per_row):
@@ -76,7 +77,7 @@ def test_zero_gated_cross_attention_leaves_the_decoder_unchanged():
     with torch.no_grad():
         fused = model(ids, pixel_values=pixels).logits
         positions = torch.arange(ids.shape[1]).expand_as(ids)
-        from minivlm.layers.attention import AttentionMask
+        from minivlm.kernels.mask import AttentionMask
 
         text_only = model.decoder.logits(model.decoder(model.decoder.embed(ids), AttentionMask.causal_lm(), positions))
     assert torch.equal(fused, text_only)
@@ -103,7 +104,7 @@ def test_prefix_fusion_makes_image_tokens_see_each_other():
     """Change only the LAST projected token of an image: under the prefix-LM mask the FIRST image
     token's decoder state changes; under plain splice (causal) it cannot."""
     ids, _ = make_batch(preset("tiny"), [1])
-    n = preset("tiny").image_seq_len
+    n = image_seq_len(preset("tiny"))
     tokens = torch.randn(1, n, preset("tiny").decoder.width)
     moved = tokens.clone()
     moved[0, -1] += 1.0
@@ -171,7 +172,7 @@ def test_temporal_patches_take_frame_stacks_and_round_trip(tmp_path):
     ids, stacks = make_batch(cfg, [2])
     assert stacks.shape == (2, 6, 64, 64)  # two RGB frames per view
     with torch.no_grad():
-        assert model.encode_images(stacks).shape == (2, cfg.image_seq_len, cfg.decoder.width)
+        assert model.encode_images(stacks).shape == (2, image_seq_len(cfg), cfg.decoder.width)
         logits = model(ids, pixel_values=stacks).logits
     model.save_pretrained(tmp_path)
     loaded = VisionLanguageModel.from_pretrained(tmp_path).eval()
@@ -193,7 +194,7 @@ def test_tied_head_stays_tied_after_loading(tmp_path):
 def test_mismatched_checkpoint_lists_every_bad_key(tmp_path):
     VisionLanguageModel(preset("tiny")).save_pretrained(tmp_path)
     other = VisionLanguageModel(preset("tiny").override("decoder.n_layers=5", "projector=mlp", "projector.depth=1"))
-    from minivlm.interop.safetensors_io import load_safetensors
+    from minivlm.safetensors_io import load_safetensors
 
     with pytest.raises(CheckpointMismatchError) as err:
         other.load_checkpoint_state(load_safetensors(tmp_path / "model.safetensors"))
@@ -265,3 +266,40 @@ def test_summary_counts_every_projector_including_the_resampler():
     s = summarize(preset("tiny").override("projector=resampler"))
     proj = next(p for p in s.parts if p.part == "projector")
     assert proj.forward_flops > 0 and proj.trainable == proj.params > 0
+
+
+@pytest.mark.parametrize("projector, fusion, pooling", [("resampler", "cross_attention", "map"),
+                                                        ("pixel_shuffle", "prefix", "none")])
+def test_attention_backend_reaches_every_attention_call(monkeypatch, projector, fusion, pooling):
+    from minivlm.kernels.dispatch import BACKENDS
+    from minivlm.kernels.reference import math_attention
+
+    served = []
+
+    def spy(q, k, v, mask, scale=None):
+        served.append(mask.kind)
+        return math_attention(q, k, v, mask, scale=scale)
+
+    def forbidden(q, k, v, mask, scale=None):
+        raise AssertionError(f"a {mask.kind!r} attention call ignored attention_backend")
+
+    for name in list(BACKENDS):
+        monkeypatch.setitem(BACKENDS, name, forbidden)
+    monkeypatch.setitem(BACKENDS, "spy", spy)
+    cfg = preset("tiny").override(f"projector={projector}", f"fusion={fusion}", f"encoder.pooling={pooling}",
+                                  "attention_backend=spy")
+    model = VisionLanguageModel(cfg).eval()
+    ids, pixels = make_batch(cfg, [1, 1])
+    with torch.no_grad():
+        model(ids, pixel_values=pixels)
+        model.encoder.pooled(pixels)
+    e, d = cfg.encoder, cfg.decoder
+    resampler = cfg.projector.n_layers if projector == "resampler" else 0
+    cross = -(-d.n_layers // cfg.fusion.every) if fusion == "cross_attention" else 0
+    map_head = 1 if pooling == "map" else 0
+    assert len(served) == e.depth + resampler + d.n_layers + cross + e.depth + map_head
+
+
+def test_an_unknown_attention_backend_is_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"attention_backend: unknown attention backend 'fast'.*'auto', 'flex'"):
+        VisionLanguageModel(preset("tiny").override("attention_backend=fast"))

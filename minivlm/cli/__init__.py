@@ -42,18 +42,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from minivlm.model import VisionLanguageModel
+    from minivlm.registry import image_seq_len
     from minivlm.summary import summarize
 
     torch.manual_seed(args.seed)
     cfg = preset("tiny").override(*args.overrides)
     model = VisionLanguageModel(cfg)
     print(f"minivlm demo: preset {cfg.name}\n{summarize(model).table()}")
-    B, T = 4, cfg.image_seq_len + 32
+    n_image = image_seq_len(cfg)
+    B, T = 4, n_image + 32
     ids = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (B, T))
-    ids[:, 1:1 + cfg.image_seq_len] = cfg.image_token_id
+    ids[:, 1:1 + n_image] = cfg.image_token_id
     pixels = torch.randn(B, cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size)
     labels = ids.clone()
-    labels[:, : 1 + cfg.image_seq_len] = -100
+    labels[:, : 1 + n_image] = -100
     t0 = time.perf_counter()
     out = model(ids, pixel_values=pixels, labels=labels)
     out.loss.backward()
@@ -76,6 +78,7 @@ def train_assignments(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from minivlm.cli.errors import EXIT_FAILED, interrupted_exit_code
+    from minivlm.registry import validate_config
     from minivlm.train.recipe import run
 
     base = args.model
@@ -83,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--model {base}: not a checkpoint directory (no config.json)")
     assignments = train_assignments(args)
     cfg = (_load_config(base) if base else preset(args.preset or "tiny")).override(*assignments)
-    cfg.validate()
+    validate_config(cfg)
     run_dir = Path(args.out) if args.out else Path("runs") / (args.name or cfg.name)
     explicit = assignments + ([f"name={cfg.name}"] if args.preset else [])  # --preset must match on --resume
     out = run(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, overrides=explicit,

@@ -103,7 +103,7 @@ def merge_shared_prefix(samples: Sequence[Any], image_token_id: int) -> dict[str
 
     Ten questions about one image cost one image encoding and one prompt prefix instead of ten,
     and since each branch's positions continue from the prefix and its attention is limited to
-    prefix + itself (``branch_ids``, see :mod:`minivlm.layers.attention`), the loss and gradients
+    prefix + itself (``branch_ids``, see :mod:`minivlm.kernels.mask`), the loss and gradients
     equal those of the samples one by one (tested). This is prefix sharing as in tree attention
     for speculative decoding or the shared-prompt packing of RL fine-tuning, applied to training
     data with several questions per image.
@@ -254,7 +254,7 @@ def pack_collate(samples: Sequence[Any], max_length: int, pad_id: int) -> dict[s
     """Pack samples into rows of exactly ``max_length`` tokens (:func:`plan_packing`).
 
     Attention must not cross documents: the model passes ``document_ids`` to
-    :class:`minivlm.layers.attention.AttentionMask`. Positions restart at 0 for each document,
+    :class:`minivlm.kernels.mask.AttentionMask`. Positions restart at 0 for each document,
     so a packed document is embedded exactly as it would be alone. The label of each
     document's first token is -100 (module docstring: its prediction would come from the
     previous document's last token); every other label is unchanged. The fixed row width keeps

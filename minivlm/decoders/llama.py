@@ -13,20 +13,22 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from minivlm.config import DecoderConfig, VLMConfig
-from minivlm.layers.attention import AttentionMask, attention
+from minivlm.config import DecoderConfig, VLMConfig, require
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.layers.mlp import SwiGLU
 from minivlm.layers.norms import RMSNorm
-from minivlm.layers.rope import RotaryEmbedding, apply_rope
-from minivlm.registry import DECODERS
+from minivlm.layers.rope import RotaryEmbedding, rope_tables, rotate
 
 #: Called before decoder layer ``i`` as ``hidden = hook(i, hidden)``; how cross-attention fuses.
 LayerHook = Callable[[int, Tensor], Tensor]
 
 
 class DecoderAttention(nn.Module):
-    """Grouped-query self-attention with RoPE. ``[B, T, D] -> [B, T, D]``."""
+    """Grouped-query self-attention with RoPE: ``[B, T, D]`` or, as the decoder runs it, tokens
+    flattened ``[B * T, D]`` (the projections are then plain 2-D matmuls) -> the same shape;
+    attention runs as ``[B, H, T, Dh]``."""
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -36,20 +38,20 @@ class DecoderAttention(nn.Module):
         self.k = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
         self.v = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(self.n_heads * self.head_dim, cfg.width, bias=False)
-        self.backend: str | None = None
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
                 cache: StaticKVCache | None = None) -> Tensor:
-        B, T, _ = x.shape
+        """``x [B, T, D]`` or ``[B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``."""
+        B, T = rope[0].shape[0], rope[0].shape[2]
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, mask, backend=self.backend)
-        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+        out = attention(q, k, v, mask, backend=self.attention_backend)
+        return self.o(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
 class DecoderLayer(nn.Module):
@@ -66,7 +68,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-@DECODERS.register("llama")
 class LlamaDecoder(nn.Module):
     """``forward(embeds [B, T, D], mask, position_ids [B, T]) -> hidden [B, T, D]`` (final-normed)."""
 
@@ -86,9 +87,15 @@ class LlamaDecoder(nn.Module):
         self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False
 
-    def set_attention_backend(self, backend: str | None) -> None:
-        for layer in self.layers:
-            layer.attn.backend = backend
+    @classmethod
+    def check_config(cls, config: VLMConfig) -> None:
+        """Raise :class:`~minivlm.config.ConfigError` naming the first invalid ``decoder.*`` field."""
+        d = config.decoder
+        require(d.n_heads % d.n_kv_heads == 0, "decoder.n_kv_heads",
+                f"decoder.n_heads={d.n_heads} is not a multiple of n_kv_heads={d.n_kv_heads}")
+        require(d.head_dim is not None or d.width % d.n_heads == 0, "decoder.width",
+                f"{d.width} is not divisible by decoder.n_heads={d.n_heads}; set decoder.head_dim")
+        require(d.resolved_head_dim % 2 == 0, "decoder.head_dim", f"RoPE needs an even head dim, got {d.resolved_head_dim}")
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> StaticKVCache:
@@ -98,18 +105,19 @@ class LlamaDecoder(nn.Module):
 
     def forward(self, embeds: Tensor, mask: AttentionMask, position_ids: Tensor,
                 cache: StaticKVCache | None = None, layer_hook: LayerHook | None = None) -> Tensor:
-        rope = self.rope(position_ids)
-        h = embeds
+        B, T, D = embeds.shape
+        rope = rope_tables(*self.rope(position_ids), embeds.dtype)  # once for every layer
+        h = embeds.reshape(B * T, D)  # the residual stream, tokens flattened
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:
-                h = layer_hook(i, h)
+                h = layer_hook(i, h.view(B, T, D)).reshape(B * T, D)
             if self.gradient_checkpointing and self.training and cache is None:
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, mask, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, cache)
         if cache is not None:
-            cache.advance(embeds.shape[1])
-        return self.norm(h)
+            cache.advance(T)
+        return self.norm(h).view(B, T, D)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """``[B, T, D] -> [B, T, V]``."""

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minivlm.config import EncoderConfig, VLMConfig
-from minivlm.layers.attention import AttentionMask, attention
+from minivlm.config import EncoderConfig, VLMConfig, require
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import MLP
-from minivlm.registry import ENCODERS
 
 _BIDIRECTIONAL = AttentionMask.bidirectional()
 
@@ -34,12 +34,12 @@ class EncoderAttention(nn.Module):
         self.n_heads = n_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.backend: str | None = None
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, x: Tensor) -> Tensor:
         N, L, D = x.shape
         q, k, v = self.qkv(x).view(N, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.backend)
+        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.attention_backend)
         return self.proj(out.transpose(1, 2).reshape(N, L, D))
 
 
@@ -75,13 +75,14 @@ class AttentionPoolHead(nn.Module):
         self.proj = nn.Linear(D, D)
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.mlp = MLP(D, cfg.mlp_dim, act=cfg.activation)
+        self.attention_backend: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         N, L, D = x.shape
         h, dh = self.n_heads, D // self.n_heads
         q = self.q(self.latent.expand(N, -1, -1)).view(N, 1, h, dh).transpose(1, 2)
         k, v = self.kv(x).view(N, L, 2, h, dh).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, _BIDIRECTIONAL).transpose(1, 2).reshape(N, 1, D)
+        out = attention(q, k, v, _BIDIRECTIONAL, backend=self.attention_backend).transpose(1, 2).reshape(N, 1, D)
         out = self.proj(out)
         out = out + self.mlp(self.norm(out))
         return out[:, 0]
@@ -192,7 +193,6 @@ def resize_pos_embed(pos: Tensor, new_grid: tuple[int, int], n_prefix: int, old_
     return torch.cat([prefix, g], dim=1)
 
 
-@ENCODERS.register("vit")
 class VisionTransformer(nn.Module):
     """ViT / CLIP / SigLIP image encoder.
 
@@ -226,6 +226,42 @@ class VisionTransformer(nn.Module):
         self.pool_head = AttentionPoolHead(cfg) if cfg.pooling == "map" else None
         self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else None
 
+    # ---- the part contract (minivlm.registry) ----------------------------------------------
+    @classmethod
+    def check_config(cls, config: VLMConfig) -> None:
+        """Raise :class:`~minivlm.config.ConfigError` naming the first invalid ``encoder.*`` field."""
+        e = config.encoder
+        require(e.image_size % e.patch_size == 0 or (e.drop_remainder and e.stem == "patch"), "encoder.image_size",
+                f"{e.image_size} is not a multiple of encoder.patch_size={e.patch_size} (encoder.drop_remainder=true "
+                f"lets the patch conv leave the last pixels unread)")
+        require(e.width % e.n_heads == 0, "encoder.width", f"{e.width} is not divisible by encoder.n_heads={e.n_heads}")
+        require(-e.depth <= e.feature_layer < e.depth, "encoder.feature_layer",
+                f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
+        require(e.activation in ("gelu", "gelu_tanh", "quick_gelu"), "encoder.activation",
+                f"expected gelu | gelu_tanh | quick_gelu, got {e.activation!r}")
+        require(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
+        require(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
+                f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
+        require(e.temporal_input in ("frames", "differences"), "encoder.temporal_input",
+                f"expected frames | differences, got {e.temporal_input!r}")
+        require(e.pos_embed in ("learned", "sincos2d"), "encoder.pos_embed",
+                f"expected learned | sincos2d, got {e.pos_embed!r}")
+        require(e.pos_embed != "sincos2d" or e.width % 4 == 0, "encoder.pos_embed",
+                f"sincos2d splits the width in four (sin/cos of x and y); encoder.width={e.width} is not divisible by 4")
+        require(e.pos_index in ("grid", "idefics3"), "encoder.pos_index", f"expected grid | idefics3, got {e.pos_index!r}")
+        require(e.pos_index == "grid" or (e.pos_embed == "learned" and not e.class_token), "encoder.pos_index",
+                "idefics3 indexes a learned table of patch positions: needs pos_embed=learned and no class token")
+        require(e.pooling in ("none", "cls", "mean", "map"), "encoder.pooling",
+                f"expected none | cls | mean | map, got {e.pooling!r}")
+        require(e.pooling != "cls" or e.class_token, "encoder.pooling", "'cls' pooling needs encoder.class_token=True")
+        require(e.normalization in ("clip", "siglip", "imagenet"), "encoder.normalization",
+                f"expected clip | siglip | imagenet, got {e.normalization!r}")
+
+    @classmethod
+    def feature_tokens(cls, config: VLMConfig) -> int:
+        """Patch tokens per image handed to the projector (the class token is not one of them)."""
+        return config.encoder.n_patches
+
     def _sincos(self, grid: tuple[int, int]) -> Tensor:
         """``[1, n_prefix + h*w, D]`` fixed embeddings; the class-token slot gets zeros."""
         patches = sincos_2d_pos_embed(grid, self.cfg.width)
@@ -238,10 +274,6 @@ class VisionTransformer(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim or self.cfg.width
-
-    def set_attention_backend(self, backend: str | None) -> None:
-        for blk in self.blocks:
-            blk.attn.backend = backend
 
     def _check_pixels(self, pixels: Tensor) -> None:
         c, p = self.cfg, self.cfg.patch_size

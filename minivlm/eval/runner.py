@@ -219,8 +219,6 @@ def evaluate_spec(model, spec: str, *, split: str = "test", limit: int | None = 
                           scoring=scoring, progress=progress)
         preds.extend(report.predictions)
         if getattr(model, "retrieval_head", None) is not None and has_image_caption_pairs(dataset):
-            from minivlm.retrieval import evaluate_retrieval
-
             found = evaluate_retrieval(model, dataset, limit=limit)
             n = int(found.pop("n"))
             for key, value in found.items():
@@ -228,3 +226,21 @@ def evaluate_spec(model, spec: str, *, split: str = "test", limit: int | None = 
                 retrieval_counts[f"{source.name}/{key}"] = n
     metrics, counts = score(preds)
     return EvalReport(metrics | retrieval_metrics, counts | retrieval_counts, time.perf_counter() - t0, preds)
+
+
+def evaluate_retrieval(model, dataset, *, limit: int | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image->text and text->image recall@k and ranks over the first ``limit`` image-caption pairs of
+    ``dataset``, embedded with the model's retrieval head (:mod:`minivlm.retrieval`).
+
+    Returns :func:`minivlm.eval.retrieval.retrieval_metrics`'s dict, plus ``"n"``.
+    """
+    from minivlm.eval.retrieval import retrieval_metrics
+    from minivlm.retrieval import embed_images, embed_texts, image_and_caption
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n < 1:
+        raise ValueError("evaluate_retrieval needs at least one image-caption pair")
+    images, captions = zip(*(image_and_caption(dataset[i]) for i in range(n)))
+    metrics = retrieval_metrics(embed_images(model, images), embed_texts(model, list(captions)), ks=ks)
+    metrics["n"] = float(n)
+    return metrics

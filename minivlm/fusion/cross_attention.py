@@ -10,27 +10,35 @@ image tokens::
 ``alpha`` starts at 0, so at initialisation the decoder computes exactly what it computed
 without images. A text token sees the images whose marker is at or before it (all preceding
 images of its sample); tokens before the first image see none and receive no update.
+
+Keys are the image tokens of the whole batch, ``[N * P, D]``, shared by every row; each row's
+mask admits only its own images (:meth:`AttentionMask.cross`). Every shape then follows from the
+inputs' shapes, with no count read back from the device, so the forward compiles as one graph.
+
+Decoding: the prefill's images are kept by the fusion itself, per KV cache they were prefilled
+into (:class:`CrossAttentionState`, weakly: they go with the cache); decode steps bring no image and
+reuse them, so a generation's cache holds keys and values only.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from minivlm.config import VLMConfig
-from minivlm.fusion.base import FusedInputs, placeholder_mask
-from minivlm.layers.attention import AttentionMask, attention
-from minivlm.layers.kv_cache import StaticKVCache
+from minivlm.config import VLMConfig, require
+from minivlm.fusion.base import FusedInputs
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import SwiGLU
 from minivlm.layers.norms import RMSNorm
-from minivlm.registry import FUSIONS
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """``h [B, T, D], images [B, S, D] -> h [B, T, D]`` with tanh gates initialised to 0."""
+    """``h [B, T, D], images [B or 1, S, D] -> h [B, T, D]`` with tanh gates initialised to 0."""
 
     def __init__(self, dim: int, n_heads: int, mlp_dim: int, eps: float):
         super().__init__()
@@ -44,14 +52,16 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, mlp_dim)
         self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
     def forward(self, h: Tensor, images: Tensor, mask: AttentionMask) -> Tensor:
         B, T, D = h.shape
-        S, hd = images.shape[1], D // self.n_heads
+        Bi, S, hd = images.shape[0], images.shape[1], D // self.n_heads
         q = self.q(self.attn_norm(h)).view(B, T, self.n_heads, hd).transpose(1, 2)
-        k = self.k(images).view(B, S, self.n_heads, hd).transpose(1, 2)
-        v = self.v(images).view(B, S, self.n_heads, hd).transpose(1, 2)
-        att = attention(q, k, v, mask).transpose(1, 2).reshape(B, T, D)
+        # Images shared by the batch ([1, S, D]) are projected once and broadcast to every row.
+        k = self.k(images).view(Bi, S, self.n_heads, hd).transpose(1, 2).expand(B, -1, -1, -1)
+        v = self.v(images).view(Bi, S, self.n_heads, hd).transpose(1, 2).expand(B, -1, -1, -1)
+        att = attention(q, k, v, mask, backend=self.attention_backend).transpose(1, 2).reshape(B, T, D)
         h = h + torch.tanh(self.attn_gate) * self.o(att)
         # Flamingo gates the dense layer too; queries without images still pass through the FFW,
         # which is why the zero initial gate (not the mask) is what keeps the decoder unchanged.
@@ -59,12 +69,13 @@ class GatedCrossAttentionBlock(nn.Module):
 
 
 @dataclass
-class CrossAttentionContext:
-    """Per-row image keys kept on the KV cache so decode steps need not re-encode images.
+class CrossAttentionState:
+    """What cross-attention needs besides the text: the image keys and which row may see which.
 
-    images: ``[B, M * P, D]`` image tokens of each row (M = most images in a row), zero-padded.
-    key_image_ids: ``[B, M * P]`` image index of each key within its row, -1 for padding.
-    images_seen: ``[B]`` images seen by the last processed token of each row.
+    images: ``[1, N * P, D]`` the projected image tokens of the whole batch (image-major).
+    key_image_ids: ``[B, N * P]`` for row ``b``, the index of each key's image among that row's
+        images, -1 for the images of other rows.
+    images_seen: ``[B]`` images seen by each row's last processed token (decoding continues there).
     """
 
     images: Tensor
@@ -72,9 +83,38 @@ class CrossAttentionContext:
     images_seen: Tensor
 
 
-@FUSIONS.register("cross_attention")
+def image_keys(image_embeds: Tensor, is_marker: Tensor) -> tuple[Tensor, Tensor]:
+    """``image_embeds [N, P, D]`` and the markers ``[B, T]`` -> ``(images [1, N * P, D],
+    key_image_ids [B, N * P])``; image ``g`` belongs to the row holding the ``g``-th marker
+    (row-major), where it is that row's image number ``g - first[row]``."""
+    N, P, D = image_embeds.shape
+    B = is_marker.shape[0]
+    ends = torch.cumsum(is_marker.sum(1), 0)  # [B] images up to and including each row
+    g = torch.arange(N, device=image_embeds.device)
+    row_of = (ends[None, :] <= g[:, None]).sum(1)  # [N] the row of image g
+    local = g - (ends - is_marker.sum(1)).gather(0, row_of.clamp(max=B - 1))  # [N] its index in that row
+    rows = torch.arange(B, device=image_embeds.device)
+    key_ids = torch.where(row_of[None, :] == rows[:, None], local[None, :], -1)  # [B, N]
+    return image_embeds.reshape(1, N * P, D), key_ids.repeat_interleave(P, dim=1)
+
+
 class CrossAttentionFusion(nn.Module):
     """Owns ``ceil(n_layers / every)`` gated blocks and hands the decoder a layer hook."""
+
+    #: Images stay out of the text stream; the fusion's own blocks attend to them (part contract).
+    images_in_text_stream = False
+
+    @classmethod
+    def check_config(cls, config: VLMConfig) -> None:
+        d, f = config.decoder, config.fusion
+        heads = f.n_heads or d.n_heads
+        require(d.width % heads == 0, "fusion.n_heads", f"decoder.width={d.width} is not divisible by {heads}")
+        require(f.every <= d.n_layers, "fusion.every", f"{f.every} exceeds decoder.n_layers={d.n_layers}")
+
+    @classmethod
+    def placeholders_per_image(cls, config: VLMConfig, image_tokens: int) -> int:
+        """One ``<image>`` marker per image: it tells the text where the image was shown."""
+        return 1
 
     def __init__(self, config: VLMConfig):
         super().__init__()
@@ -85,46 +125,33 @@ class CrossAttentionFusion(nn.Module):
         self.blocks = nn.ModuleList(
             GatedCrossAttentionBlock(d.width, f.n_heads or d.n_heads, d.mlp_dim, d.norm_eps) for _ in range(n_blocks)
         )
-
-    def _context(self, image_embeds: Tensor, is_marker: Tensor) -> CrossAttentionContext:
-        B = is_marker.shape[0]
-        N, P, D = image_embeds.shape
-        per_row = is_marker.sum(1)  # images per row, in row-major order
-        M = int(per_row.max()) if B else 0
-        images = image_embeds.new_zeros(B, M, P, D)
-        key_ids = torch.full((B, M, P), -1, dtype=torch.long, device=image_embeds.device)
-        row = torch.repeat_interleave(torch.arange(B, device=image_embeds.device), per_row)
-        first = torch.cumsum(per_row, 0) - per_row
-        local = torch.arange(N, device=image_embeds.device) - first[row]
-        images = images.index_put((row, local), image_embeds)
-        key_ids[row, local] = local[:, None]
-        return CrossAttentionContext(images.view(B, M * P, D), key_ids.view(B, M * P), torch.zeros_like(per_row))
+        # The images prefilled into each live KV cache (module docstring); dropped with the cache.
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def forward(self, text_embeds: Tensor, image_embeds: Tensor | None, input_ids: Tensor, mask: AttentionMask,
-                cache: StaticKVCache | None = None) -> FusedInputs:
+                cache=None) -> FusedInputs:
         if mask.document_ids is not None:
             raise ValueError("cross_attention fusion does not support packed sequences (document_ids); "
                              "disable data.packing or use the splice/prefix fusion")
-        n = 0 if image_embeds is None else image_embeds.shape[0]
-        ctx: CrossAttentionContext | None = getattr(cache, "cross_context", None) if cache is not None else None
-        if n == 0 and ctx is not None:
-            # Decode step: new tokens bring no image. (No count check here: it would force a
-            # host sync and break torch.compile's graph on every step.)
-            is_marker = input_ids == self.image_token_id
-        else:
-            is_marker = placeholder_mask(input_ids, self.image_token_id, n, 1)
-            if n == 0:
-                return FusedInputs(text_embeds, mask)
-            ctx = self._context(image_embeds, is_marker)
-        seen = ctx.images_seen[:, None] + torch.cumsum(is_marker.long(), dim=1)  # [B, T]
-        if cache is not None:
-            cache.cross_context = CrossAttentionContext(ctx.images, ctx.key_image_ids, seen[:, -1])
-        cross_mask = AttentionMask.cross(seen, ctx.key_image_ids)
+        is_marker = input_ids == self.image_token_id
+        if image_embeds is not None:
+            images, key_ids = image_keys(image_embeds, is_marker)
+            state = CrossAttentionState(images, key_ids, torch.zeros_like(is_marker[:, 0], dtype=torch.long))
+        else:  # text only, or a decode step: the images this cache was prefilled with, if any
+            state = None if cache is None else self._states.get(cache)
+        if state is None:
+            return FusedInputs(text_embeds, mask)
+        seen = state.images_seen[:, None] + torch.cumsum(is_marker.long(), dim=1)  # [B, T]
+        if cache is not None and image_embeds is not None:  # a prefill: keep the images for the decode steps
+            self._states[cache] = CrossAttentionState(state.images, state.key_image_ids, seen[:, -1].clone())
+        elif cache is not None:  # a decode step: same state object, updated in place (one compiled graph)
+            state.images_seen.copy_(seen[:, -1])
+        cross_mask = AttentionMask.cross(seen, state.key_image_ids)
 
         def hook(layer: int, h: Tensor) -> Tensor:
             if layer % self.every:
                 return h
-            out = self.blocks[layer // self.every](h, ctx.images.to(h.dtype), cross_mask)
+            out = self.blocks[layer // self.every](h, state.images.to(h.dtype), cross_mask)
             # Tokens that have seen no image (text-only rows, text before the first image) pass
             # through unchanged, so a row decodes the same alone or batched with image rows.
             return torch.where(seen[..., None] > 0, out, h)

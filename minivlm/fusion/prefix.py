@@ -16,22 +16,20 @@ from torch import Tensor
 
 from minivlm.fusion.base import FusedInputs, image_index
 from minivlm.fusion.splice import SpliceFusion, splice
-from minivlm.layers.attention import AttentionMask
-from minivlm.layers.kv_cache import StaticKVCache
-from minivlm.registry import FUSIONS
+from minivlm.kernels.mask import AttentionMask
 
 
-@FUSIONS.register("prefix")
 class PrefixFusion(SpliceFusion):
-    """Splice + ``span_ids`` so each image's tokens see each other (see the mask family in layers.attention)."""
+    """Splice + ``span_ids`` so each image's tokens see each other (see the mask family in kernels.mask)."""
 
     def forward(self, text_embeds: Tensor, image_embeds: Tensor | None, input_ids: Tensor, mask: AttentionMask,
-                cache: StaticKVCache | None = None) -> FusedInputs:
-        embeds, is_image = splice(text_embeds, image_embeds, input_ids, self.image_token_id, self.tokens_per_image)
-        if not bool(is_image.any()):
-            return FusedInputs(embeds, mask)
-        spans = image_index(is_image, self.tokens_per_image) + 1  # 0 = text, k+1 = image k
-        if mask.q_offset:
-            # Keys cover the cached prefix too; earlier positions carry no new image.
-            spans = F.pad(spans, (mask.q_offset, 0))
+                cache=None) -> FusedInputs:
+        embeds, is_image = splice(text_embeds, image_embeds, input_ids, self.image_token_id)
+        if is_image is None:
+            return FusedInputs(embeds, mask)  # no image among these tokens: plain causal
+        spans = image_index(is_image, image_embeds.shape[1]) + 1  # 0 = text, k+1 = image k
+        if cache is not None:
+            # Keys are the cache's whole buffer; the columns before these tokens carry no new image,
+            # nor do the unwritten ones after them.
+            spans = F.pad(spans, (mask.q_offset, cache.max_len - mask.q_offset - spans.shape[1]))
         return FusedInputs(embeds, replace(mask, span_ids=spans.to(torch.long)))

@@ -24,7 +24,7 @@ checkpoints with transformers; :mod:`~minivlm.interop.export` writes a decoder b
 Hugging Face Llama directory; :mod:`~minivlm.interop.vocab` grows the vocabulary for added
 special tokens.
 
-Files are only read through :mod:`~minivlm.interop.safetensors_io`: safetensors, or
+Files are only read through :mod:`~minivlm.safetensors_io`: safetensors, or
 ``torch.load(weights_only=True)`` for ``.bin``/``.pt``; nothing else is unpickled.
 """
 

@@ -36,7 +36,7 @@ from minivlm.config import ConfigError, EncoderConfig, VLMConfig
 from minivlm.decoders.llama import LlamaDecoder
 from minivlm.encoders.vit import VisionTransformer, resize_pos_embed
 from minivlm.interop import MappedState, load_mapped, tied_aliases, verify_mapped
-from minivlm.interop.safetensors_io import load_safetensors, load_weights
+from minivlm.safetensors_io import load_safetensors, load_weights
 from minivlm.model import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from minivlm.interop import raise_if_unsupported
 from minivlm.interop.convert import SOURCE_NAME, write_staged
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def export_nanovlm(model_dir: str | Path, out: str | Path) -> Path:
         "lm_re_base": d.rope_theta, "lm_max_position_embeddings": d.max_seq_len, "lm_vocab_size": d.vocab_size,
         "lm_n_heads": d.n_heads, "lm_n_kv_heads": d.n_kv_heads, "lm_n_blocks": d.n_layers,
         "lm_tie_weights": d.tie_embeddings, "mp_pixel_shuffle_factor": config.projector.shuffle_factor,
-        "mp_image_token_length": config.image_tokens, "max_img_size": images.max_side,
+        "mp_image_token_length": image_tokens(config), "max_img_size": images.max_side,
         "resize_to_max_side_len": images.resize_to_max_side, "vlm_load_backbone_weights": False})
     state = nanovlm_state_from_minivlm(model.state_dict(), config)
     if d.tie_embeddings:

@@ -32,7 +32,7 @@ from torch import Tensor
 from minivlm.config import DecoderConfig
 from minivlm.decoders.llama import LlamaDecoder
 from minivlm.interop import MappedState, StateMapper, load_mapped, raise_if_unsupported
-from minivlm.interop.safetensors_io import WeightsFileError, load_safetensors, load_weights
+from minivlm.safetensors_io import WeightsFileError, load_safetensors, load_weights
 
 #: transformers ``LlamaConfig`` defaults for fields a config.json may leave out.
 LLAMA_DEFAULTS: dict[str, Any] = {

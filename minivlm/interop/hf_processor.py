@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minivlm.config import VLMConfig
+from minivlm.registry import image_seq_len as model_image_seq_len
 from minivlm.text.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 from minivlm.text.processor import Processor
 from minivlm.text.templates import ChatTemplate
@@ -129,8 +130,8 @@ def build_processor(directory: Path, config: VLMConfig, tokenizer: Any, image_pr
     if tokenizer.vocab_size > config.decoder.vocab_size:
         raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model's embedding only "
                          f"{config.decoder.vocab_size} rows")
-    if image_seq_len != config.image_seq_len:
+    if image_seq_len != model_image_seq_len(config):
         raise ValueError(f"{directory}: image_seq_len={image_seq_len} in the processor files but the model turns a view "
-                         f"into {config.image_seq_len} tokens")
+                         f"into {model_image_seq_len(config)} tokens")
     return Processor(tokenizer, image_processor, image_seq_len, max_length=config.decoder.max_seq_len,
                      template=template)

@@ -29,6 +29,7 @@ from minivlm.config import EncoderConfig, FusionConfig, ProjectorConfig, VLMConf
 from minivlm.interop import MappedState, StateMapper, raise_if_unsupported
 from minivlm.interop.hf_llama import decoder_config_from_hf, llama_key_pairs, map_hf_llama_into
 from minivlm.interop.vit_pairs import export_pairs, import_pairs, siglip_pairs
+from minivlm.registry import image_seq_len, validate_config
 
 MODEL_TYPES = ("idefics3", "smolvlm")
 VISION_DEFAULTS: dict[str, Any] = {
@@ -55,7 +56,7 @@ def vlm_config_from_idefics3(config: Mapping[str, Any]) -> VLMConfig:
     raise_if_unsupported("Hugging Face Idefics3 config", problems)
     tie = bool(config.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
     decoder = decoder_config_from_hf(text, tie_embeddings=tie)
-    return VLMConfig(
+    return validate_config(VLMConfig(
         name="smolvlm-import",
         encoder=EncoderConfig(
             image_size=vision["image_size"], patch_size=vision["patch_size"], in_channels=vision["num_channels"],
@@ -70,7 +71,7 @@ def vlm_config_from_idefics3(config: Mapping[str, Any]) -> VLMConfig:
         fusion=FusionConfig(kind="splice"),
         decoder=decoder,
         image_token_id=config.get("image_token_id", config.get("image_token_index", 128257)),
-    ).validate()
+    ))
 
 
 def map_idefics3_state(state: Mapping[str, Tensor], config: VLMConfig) -> MappedState:
@@ -147,5 +148,5 @@ def idefics3_processor(directory: Any, config: VLMConfig):
     template = Idefics3Template()
     check_template(hf_chat_template(directory), template, str(directory),
                    {"bos_token": tokenizer.roles.get("bos_token", ""), "eos_token": tokenizer.roles.get("eos_token", "")})
-    seq_len = settings.get("image_seq_len", config.image_seq_len)
+    seq_len = settings.get("image_seq_len", image_seq_len(config))
     return build_processor(directory, config, tokenizer, image_processor, template, seq_len)

@@ -45,6 +45,7 @@ from minivlm.interop.hf_llama import decoder_config_from_hf, load_hf_state, map_
 from minivlm.interop.vit_pairs import clip_pairs, import_pairs
 from minivlm.model import VisionLanguageModel
 from minivlm.vision.transforms import CLIP_MEAN, CLIP_STD
+from minivlm.registry import validate_config
 
 #: transformers ``CLIPVisionConfig`` defaults for fields a config.json may leave out.
 CLIP_VISION_DEFAULTS: dict[str, Any] = {
@@ -164,7 +165,7 @@ def vlm_config_from_llava(config: Mapping[str, Any]) -> VLMConfig:
     tie = bool(config.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
     decoder = decoder_config_from_hf(text, tie_embeddings=tie)
     image_token_id = config.get("image_token_index", config.get("image_token_id", 32000))
-    return VLMConfig(
+    return validate_config(VLMConfig(
         name="llava-import",
         encoder=encoder_config_from_hf_clip(vision, feature_layer),
         projector=ProjectorConfig(kind="mlp", depth=2, hidden_dim=decoder.width,
@@ -172,7 +173,7 @@ def vlm_config_from_llava(config: Mapping[str, Any]) -> VLMConfig:
         fusion=FusionConfig(kind="splice"),
         decoder=decoder,
         image_token_id=image_token_id,
-    ).validate()
+    ))
 
 
 def _is_position_ids(t: Tensor) -> bool:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from minivlm.config import DecoderConfig, EncoderConfig, FusionConfig, ProjectorConfig, VLMConfig
 from minivlm.interop import MappedState, StateMapper, raise_if_unsupported
+from minivlm.registry import image_seq_len, image_tokens, validate_config
 
 #: nanoVLM ``VLMConfig`` defaults for the fields minivlm reads (a config.json may predate some).
 NANOVLM_DEFAULTS: dict[str, Any] = {
@@ -56,7 +57,7 @@ def vlm_config_from_nanovlm(config: Mapping[str, Any], image_token_id: int = 0) 
     if c["lm_attn_scaling"] != 1.0:
         problems.append(f"lm_attn_scaling={c['lm_attn_scaling']}: minivlm's RoPE is unscaled")
     raise_if_unsupported("nanoVLM config", problems)
-    config = VLMConfig(
+    config = validate_config(VLMConfig(
         name="nanovlm-import",
         encoder=EncoderConfig(image_size=c["vit_img_size"], patch_size=c["vit_patch_size"], width=c["vit_hidden_dim"],
                               depth=c["vit_n_blocks"], n_heads=c["vit_n_heads"], mlp_dim=c["vit_inter_dim"],
@@ -69,10 +70,10 @@ def vlm_config_from_nanovlm(config: Mapping[str, Any], image_token_id: int = 0) 
                               rope_theta=float(c["lm_re_base"]), norm_eps=c["lm_rms_eps"],
                               tie_embeddings=bool(c["lm_tie_weights"]), max_seq_len=c["lm_max_position_embeddings"]),
         image_token_id=image_token_id,
-    ).validate()
-    if "mp_image_token_length" in c and c["mp_image_token_length"] != config.image_tokens:
+    ))
+    if "mp_image_token_length" in c and c["mp_image_token_length"] != image_tokens(config):
         raise_if_unsupported("nanoVLM config", [f"mp_image_token_length={c['mp_image_token_length']} but the tower and "
-                                                f"pixel shuffle give {config.image_tokens} tokens per image"])
+                                                f"pixel shuffle give {image_tokens(config)} tokens per image"])
     return config
 
 
@@ -137,7 +138,7 @@ def nanovlm_processor(config: Mapping[str, Any], model_config: VLMConfig, tokeni
     model_config.validate()
     images = NanoVLMImageProcessor(NanoVLMImageConfig(image_size=c["vit_img_size"], max_side=c["max_img_size"],
                                                       resize_to_max_side=bool(c["resize_to_max_side_len"])))
-    return build_processor(directory, model_config, hf, images, NanoVLMTemplate(), model_config.image_seq_len)
+    return build_processor(directory, model_config, hf, images, NanoVLMTemplate(), image_seq_len(model_config))
 
 
 def nanovlm_state_from_minivlm(state: Mapping[str, Tensor], config: VLMConfig) -> dict[str, Tensor]:

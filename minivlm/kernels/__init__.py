@@ -1,35 +1,12 @@
-"""Fused kernels (Triton, FlexAttention) behind the attention entry point.
+"""Attention and loss kernels behind the model's layers, each with a plain-PyTorch reference.
 
-Importing this package registers every backend that can load in this environment with
-:func:`minivlm.layers.attention.register_backend`:
+* :mod:`~minivlm.kernels.mask`: the :class:`AttentionMask` description and the shared input check;
+* :mod:`~minivlm.kernels.dispatch`: the backend table and the ``attention`` entry point;
+* :mod:`~minivlm.kernels.reference`: ``math`` and ``sdpa``;
+* :mod:`~minivlm.kernels.flex_attention`, :mod:`~minivlm.kernels.triton_attention`: fused
+  block-sparse attention for the VLM mask family;
+* :mod:`~minivlm.kernels.fused_ce`: LM head + cross-entropy without the ``[tokens, vocab]`` logits.
 
-* ``"flex"`` (:mod:`minivlm.kernels.flex_attention`) when ``torch.nn.attention.flex_attention``
-  exists (torch >= 2.5);
-* ``"triton"`` (:mod:`minivlm.kernels.triton_attention`) when Triton imports. On CPU it runs only
-  under ``TRITON_INTERPRET=1``, which must be set before this package is imported.
-
-A backend that cannot load is skipped and the reason logged at DEBUG level; ``math`` and ``sdpa``
-are always available. :func:`~minivlm.kernels.dispatch.default_backend` picks among them.
+Importing this package loads nothing: the backend table lives in (and is filled by)
+:mod:`minivlm.kernels.dispatch`.
 """
-
-from __future__ import annotations
-
-import importlib
-import logging
-
-from minivlm.kernels.dispatch import default_backend
-
-__all__ = ["default_backend", "AVAILABLE_BACKENDS"]
-
-logger = logging.getLogger(__name__)
-
-#: Names of the backends this package registered on import.
-AVAILABLE_BACKENDS: list[str] = []
-
-for _backend, _module in (("flex", "minivlm.kernels.flex_attention"), ("triton", "minivlm.kernels.triton_attention")):
-    try:
-        importlib.import_module(_module)
-    except (ImportError, RuntimeError) as _error:  # RuntimeError: a Triton install without a usable driver
-        logger.debug("attention backend %r not registered: %s", _backend, _error, exc_info=True)
-    else:
-        AVAILABLE_BACKENDS.append(_backend)

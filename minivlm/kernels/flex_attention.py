@@ -3,13 +3,13 @@
 FlexAttention (PyTorch 2.5+; Dong et al., "Flex Attention: A Programming Model for Generating
 Optimized Attention Kernels", 2024) compiles a ``mask_mod(b, h, q_idx, kv_idx) -> bool`` into a
 fused kernel and skips tiles that a ``BlockMask`` marks empty. :func:`vlm_mask_mod` expresses
-:class:`~minivlm.layers.attention.AttentionMask`'s rule as such a function, reading the small
+:class:`~minivlm.kernels.mask.AttentionMask`'s rule as such a function, reading the small
 per-token vectors; no ``[T, S]`` matrix is built (on CUDA the ``BlockMask`` is built by a
 compiled, chunked pass).
 
 Caching: building a ``BlockMask`` evaluates the mask on every tile, so it is done once per mask
 description and reused by every layer of the forward (see
-:class:`~minivlm.kernels.dispatch.PerMaskCache` for keying and invalidation: object identity,
+:class:`~minivlm.kernels.mask_cache.PerMaskCache` for keying and invalidation: object identity,
 in-place tensor versions, and ``(B, T, S, device)``).
 
 Compilation: on CUDA the kernel is ``torch.compile(flex_attention)``; without compilation flex
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from minivlm.kernels.dispatch import PerMaskCache
-from minivlm.layers.attention import AttentionMask, register_backend
+from minivlm.kernels.mask import AttentionMask, check_attention_inputs
+from minivlm.kernels.mask_cache import PerMaskCache
 
 try:  # torch >= 2.9 replaces ``return_lse=True`` with ``return_aux=AuxRequest(lse=True)``.
     from torch.nn.attention.flex_attention import AuxRequest
@@ -139,24 +139,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> None:
             "flex attention implements the self-attention mask family only; got a cross-attention "
             "mask (images_seen/key_image_ids): use backend 'sdpa' or 'math'"
         )
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"expected q [B, Hq, T, Dh] and k, v [B, Hkv, S, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    B, T, S = q.shape[0], q.shape[2], k.shape[2]
-    for name in ("key_valid", "document_ids", "span_ids", "branch_ids"):
-        values = getattr(mask, name)
-        if values is None:
-            continue
-        if values.ndim != 2 or values.shape[0] not in (1, B) or values.shape[1] != S:
-            raise ValueError(f"mask.{name} must be [B or 1, S] = [{B} or 1, {S}]; got {tuple(values.shape)}")
-        if name != "key_valid" and mask.q_offset + T > S:
-            raise ValueError(
-                f"mask.{name} gives query ids at positions q_offset..q_offset+T-1 = "
-                f"{mask.q_offset}..{mask.q_offset + T - 1}, beyond its length S={S}"
-            )
+    check_attention_inputs(q, k, v, mask)
 
 
 def flex_attention_backend(
@@ -164,7 +147,7 @@ def flex_attention_backend(
 ) -> Tensor:
     """FlexAttention under a self-attention :class:`AttentionMask`.
 
-    Same contract as :func:`minivlm.layers.attention.math_attention`: ``q [B, Hq, T, Dh]``,
+    Same contract as :func:`minivlm.kernels.reference.math_attention`: ``q [B, Hq, T, Dh]``,
     ``k, v [B, Hkv, S, Dh]`` (GQA through ``enable_gqa``, K/V not repeated) -> ``[B, Hq, T, Dh]``.
     Differentiable on CUDA; forward only on CPU.
 
@@ -186,5 +169,3 @@ def flex_attention_backend(
         out = torch.where(empty_row[..., None], own_value.to(out.dtype), out)
     return out
 
-
-register_backend("flex", flex_attention_backend)

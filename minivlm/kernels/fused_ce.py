@@ -157,6 +157,49 @@ def _chunked_loss(
     return loss, grad_hidden, grad_weight
 
 
+def _supervised_rows_loss(
+    hidden: Tensor, weight: Tensor, targets: Tensor, row_weights: Tensor | None, spec: _LossSpec
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`_chunked_loss` over the supervised rows only; ``grad_hidden`` is scattered back to
+    every row (0 on ignored ones). Callers may pass every position of a batch (static shapes)
+    without paying the head's matmuls for the prompt and image tokens. On the meta device (memory
+    measurements) rows cannot be selected by value and all are computed."""
+    if hidden.device.type == "meta":
+        return _chunked_loss(hidden, weight, targets, row_weights, spec)
+    rows = (targets != spec.ignore_index).nonzero().squeeze(1)
+    if rows.numel() == targets.numel():
+        return _chunked_loss(hidden, weight, targets, row_weights, spec)
+    loss, grad_rows, grad_weight = _chunked_loss(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
+                                                 None if row_weights is None else row_weights.index_select(0, rows),
+                                                 spec)
+    grad_hidden = None
+    if grad_rows is not None:
+        grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_rows)
+    return loss, grad_hidden, grad_weight
+
+
+@torch.library.custom_op("minivlm::fused_linear_cross_entropy", mutates_args=())
+def _fused_op(hidden: Tensor, weight: Tensor, targets: Tensor, row_weights: Tensor | None, ignore_index: int,
+              reduction: str, chunk_size: int, compute_dtype: torch.dtype, grad_hidden: bool,
+              grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunked loss as one opaque operator for ``torch.compile``: the chunk loop runs eagerly
+    inside it, so a compiled forward + loss stays one graph. Gradients not asked for come back as
+    empty tensors."""
+    spec = _LossSpec(ignore_index, reduction, chunk_size, compute_dtype, grad_hidden, grad_weight)
+    with _autocast_disabled(hidden.device.type):
+        loss, grad_h, grad_w = _supervised_rows_loss(hidden, weight, targets, row_weights, spec)
+    empty = hidden.new_empty(0)
+    return loss, empty if grad_h is None else grad_h, empty if grad_w is None else grad_w
+
+
+@_fused_op.register_fake
+def _(hidden, weight, targets, row_weights, ignore_index, reduction, chunk_size, compute_dtype, grad_hidden,
+      grad_weight):
+    empty = hidden.new_empty(0)
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden) if grad_hidden else empty,
+            torch.empty_like(weight) if grad_weight else empty)
+
+
 def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off inside the loss (its dtypes are explicit); a no-op where autocast does not
     exist (the meta device, used to measure memory without computing)."""
@@ -171,8 +214,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, row_weights: Tensor | None,
                 spec: _LossSpec) -> Tensor:
-        with _autocast_disabled(hidden.device.type):
-            loss, grad_hidden, grad_weight = _chunked_loss(hidden, weight, targets, row_weights, spec)
+        if torch.compiler.is_compiling():
+            loss, grad_hidden, grad_weight = _fused_op(
+                hidden, weight, targets, row_weights, spec.ignore_index, spec.reduction, spec.chunk_size,
+                spec.compute_dtype, spec.grad_hidden, spec.grad_weight)
+            grad_hidden = grad_hidden if spec.grad_hidden else None
+            grad_weight = grad_weight if spec.grad_weight else None
+        else:
+            with _autocast_disabled(hidden.device.type):
+                loss, grad_hidden, grad_weight = _supervised_rows_loss(hidden, weight, targets, row_weights, spec)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
@@ -235,7 +285,6 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-@torch.compiler.disable
 def fused_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -270,8 +319,11 @@ def fused_linear_cross_entropy(
         ValueError: mismatched shapes, devices or dtypes (outside autocast), non-integer targets,
             unknown ``reduction``, non-positive ``chunk_size``.
 
-    Runs eagerly under ``torch.compile`` (``torch.compiler.disable``): the chunk loop's trip count
-    follows the number of supervised tokens, which would recompile the graph every step.
+    Only the supervised rows are projected: ``hidden`` may hold every position of a batch (static
+    shapes), ignored rows cost nothing. Under ``torch.compile`` the chunk loop is one opaque
+    operator (``torch.ops.minivlm.fused_linear_cross_entropy``): its trip count follows the number
+    of supervised tokens, which would otherwise recompile the graph every step, and the graph
+    around it stays whole.
     """
     _validate(hidden, weight, targets, reduction, chunk_size, row_weights)
     compute_dtype = _compute_dtype(hidden, weight)
@@ -290,11 +342,15 @@ def fused_linear_cross_entropy(
         grad_hidden=grad_enabled and hidden.requires_grad,
         grad_weight=grad_enabled and weight.requires_grad,
     )
-    logger.debug("fused cross-entropy: %d tokens, vocab %d, chunks of %d, %s", n_tokens, weight.shape[0],
-                 chunk_size, compute_dtype)
+    if not torch.compiler.is_compiling():  # a log call is a graph break
+        logger.debug("fused cross-entropy: %d tokens, vocab %d, chunks of %d, %s", n_tokens, weight.shape[0],
+                     chunk_size, compute_dtype)
     if not (spec.grad_hidden or spec.grad_weight):
+        if torch.compiler.is_compiling():
+            return _fused_op(flat_hidden, weight, flat_targets, flat_weights, ignore_index, reduction, chunk_size,
+                             compute_dtype, False, False)[0]
         with _autocast_disabled(hidden.device.type):
-            return _chunked_loss(flat_hidden, weight, flat_targets, flat_weights, spec)[0]
+            return _supervised_rows_loss(flat_hidden, weight, flat_targets, flat_weights, spec)[0]
     return _FusedLinearCrossEntropy.apply(flat_hidden, weight, flat_targets, flat_weights, spec)
 
 

@@ -3,7 +3,7 @@
 Algorithm: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
 Partitioning" (2023), Algorithms 1 (forward) and 2 (backward); the loop structure follows the
 Triton fused-attention tutorial (``python/tutorials/06-fused-attention.py``). Written from scratch
-for minivlm's :class:`~minivlm.layers.attention.AttentionMask`:
+for minivlm's :class:`~minivlm.kernels.mask.AttentionMask`:
 
 * **Mask inside the kernel.** Each score tile is masked from the per-token vectors
   (``document_ids``, ``span_ids``, ``key_valid``), ``q_offset`` and ``causal``; no ``[T, S]``
@@ -16,7 +16,7 @@ for minivlm's :class:`~minivlm.layers.attention.AttentionMask`:
   FlexAttention). The kernels loop over compact lists of live blocks (the layout of
   FlexAttention's ``BlockMask``), so packed documents cost the block diagonal, not the causal
   triangle. The pre-pass is memoised per mask object
-  (:class:`~minivlm.kernels.dispatch.PerMaskCache`): all layers of one forward share it.
+  (:class:`~minivlm.kernels.mask_cache.PerMaskCache`): all layers of one forward share it.
 * **Grouped-query attention** without repeating K/V: query head ``h`` reads kv head
   ``h // (Hq // Hkv)``. The dK/dV kernel owns one kv head and loops over its query heads, so the
   group reduction happens in registers, without atomics.
@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from minivlm.kernels.dispatch import PerMaskCache
-from minivlm.layers.attention import AttentionMask, register_backend
+from minivlm.kernels.mask import AttentionMask, check_attention_inputs
+from minivlm.kernels.mask_cache import PerMaskCache
 
 try:  # the interpreter class moved between Triton releases; absence just means "compiled".
     from triton.runtime.interpreter import InterpretedFunction
@@ -905,17 +905,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> None:
             "triton attention does not implement shared-prefix branches (mask.branch_ids); "
             "use backend 'flex' (the CUDA default for such masks), 'sdpa' or 'math'"
         )
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"expected 4-d q [B, Hq, T, Dh], k, v [B, Hkv, S, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"expected q [B, Hq, T, Dh] and k, v [B, Hkv, S, Dh] of equal B and Dh; "
-            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    check_attention_inputs(q, k, v, mask)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -934,25 +924,12 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> None:
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
     if B == 0 or T == 0 or S == 0:
         raise ValueError(f"triton attention needs B, T, S >= 1; got B={B}, T={T}, S={S}")
-    if mask.q_offset < 0:
-        raise ValueError(f"q_offset must be >= 0; got {mask.q_offset}")
-    for name in ("key_valid", "document_ids", "span_ids"):
-        values = getattr(mask, name)
-        if values is None:
-            continue
-        if values.ndim != 2 or values.shape[0] not in (1, B) or values.shape[1] != S:
-            raise ValueError(f"mask.{name} must be [B or 1, S] = [{B} or 1, {S}]; got {tuple(values.shape)}")
-        if name != "key_valid" and mask.q_offset + T > S:
-            raise ValueError(
-                f"mask.{name} gives query ids at positions q_offset..q_offset+T-1 = "
-                f"{mask.q_offset}..{mask.q_offset + T - 1}, beyond its length S={S}"
-            )
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
     """FlashAttention-2 (Triton) under a self-attention :class:`AttentionMask`; differentiable.
 
-    Same contract as :func:`minivlm.layers.attention.math_attention`.
+    Same contract as :func:`minivlm.kernels.reference.math_attention`.
 
     Args:
         q: ``[B, Hq, T, Dh]``; k, v: ``[B, Hkv, S, Dh]`` with ``Hq % Hkv == 0``, one dtype among
@@ -979,5 +956,4 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale
     return _FlashAttentionFunction.apply(q, k, v, mask, scale)
 
 
-register_backend("triton", triton_attention)
-logger.debug("registered attention backend 'triton' (interpreted=%s)", INTERPRETED)
+logger.debug("attention backend 'triton' loaded (interpreted=%s)", INTERPRETED)

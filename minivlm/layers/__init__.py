@@ -1,4 +1,5 @@
-"""Shared building blocks: attention entry point, norms, MLPs, rotary embeddings, KV cache."""
-from minivlm.layers.attention import AttentionMask, attention
+"""Shared building blocks: norms, MLPs, rotary embeddings, the KV cache, initialisation.
 
-__all__ = ["AttentionMask", "attention"]
+Attention itself (the mask description, the backends and the one entry point) lives in
+:mod:`minivlm.kernels`: layers call :func:`minivlm.kernels.dispatch.attention`.
+"""

@@ -29,8 +29,23 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos, sin [B, T, Dh]`` -> ``(cos, signed_sin) [B, 1, T, Dh]`` in ``dtype``, for :func:`rotate`.
+
+    Built once per forward and shared by every layer. ``signed_sin`` carries the sign of
+    :func:`rotate_half`: ``rotate_half(x) * sin == x.roll(Dh / 2) * signed_sin`` exactly.
+    """
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos[:, None].to(dtype), signed[:, None].to(dtype)
+
+
+def rotate(x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate ``x [B, H, T, Dh]`` by position with :func:`rope_tables` (same values as :func:`apply_rope`)."""
+    cos, signed_sin = tables
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x [B, H, T, Dh]`` by position; ``cos, sin [B, T, Dh]``. Computed in x's dtype after fp32 tables."""
-    cos = cos[:, None].to(x.dtype)
-    sin = sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return rotate(x, rope_tables(cos, sin, x.dtype))

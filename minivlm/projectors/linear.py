@@ -5,11 +5,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from minivlm.config import VLMConfig
-from minivlm.registry import PROJECTORS
+from minivlm.projectors.base import TokenPerPatch
 
 
-@PROJECTORS.register("linear")
-class LinearProjector(nn.Module):
+class LinearProjector(TokenPerPatch, nn.Module):
     """``[N, P, D_img] -> [N, P, D_txt]``."""
 
     def __init__(self, config: VLMConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from minivlm.config import VLMConfig
-from minivlm.registry import PROJECTORS
+from minivlm.projectors.base import TokenPerPatch
 
 
 def gelu_mlp(in_dim: int, hidden: int, out_dim: int, depth: int, bias: bool = True) -> nn.Sequential:
@@ -23,8 +23,7 @@ def gelu_mlp(in_dim: int, hidden: int, out_dim: int, depth: int, bias: bool = Tr
     return nn.Sequential(*layers)
 
 
-@PROJECTORS.register("mlp")
-class MLPProjector(nn.Module):
+class MLPProjector(TokenPerPatch, nn.Module):
     """``[N, P, D_img] -> [N, P, D_txt]`` through ``depth`` GELU-separated Linear layers."""
 
     def __init__(self, config: VLMConfig):

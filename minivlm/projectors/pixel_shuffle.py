@@ -8,13 +8,14 @@ a Linear (or MLP) maps them to the text width. Fewer image tokens make the decod
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from minivlm.config import VLMConfig
+from minivlm.config import VLMConfig, require
 from minivlm.projectors.mlp import gelu_mlp
-from minivlm.registry import PROJECTORS
 
 
 def pixel_shuffle(x: Tensor, r: int) -> Tensor:
@@ -31,9 +32,29 @@ def pixel_shuffle(x: Tensor, r: int) -> Tensor:
     return rearrange(x, "n (h r1 w r2) d -> n (h w) (r1 r2 d)", h=side // r, r1=r, w=side // r, r2=r)
 
 
-@PROJECTORS.register("pixel_shuffle")
 class PixelShuffleProjector(nn.Module):
     """``[N, P, D_img] -> [N, P / r^2, D_txt]``."""
+
+    @classmethod
+    def check_config(cls, config: VLMConfig) -> None:
+        e, r = config.encoder, config.projector.shuffle_factor
+        require(e.grid_size % r == 0, "projector.shuffle_factor",
+                f"{r} does not divide the {e.grid_size}x{e.grid_size} patch grid "
+                f"(image_size {e.image_size} / patch_size {e.patch_size})")
+
+    @classmethod
+    def output_tokens(cls, config: VLMConfig, feature_tokens: int) -> int:
+        return feature_tokens // config.projector.shuffle_factor**2
+
+    @classmethod
+    def patch_weights(cls, token_weights: Tensor, config: VLMConfig, own_attention: Sequence[Tensor] = ()) -> Tensor:
+        """``[P / r^2] -> [P]``: token ``(y, x)`` of the coarse grid is the ``r x r`` patch block at
+        ``(r*y, r*x)`` and shares its weight equally among them (mass is conserved)."""
+        g, r = config.encoder.grid_size, config.projector.shuffle_factor
+        if token_weights.numel() != (g // r) ** 2:
+            raise ValueError(f"pixel_shuffle (r={r}): expected {(g // r) ** 2} image tokens, got {token_weights.numel()}")
+        block = torch.full((r, r), 1.0 / (r * r), dtype=token_weights.dtype, device=token_weights.device)
+        return torch.kron(token_weights.view(g // r, g // r), block).flatten()
 
     def __init__(self, config: VLMConfig):
         super().__init__()

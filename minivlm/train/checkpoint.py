@@ -210,7 +210,7 @@ def read_checkpoint(checkpoint_dir: str | Path) -> IntactCheckpoint:
             missing or unreadable (each message names the file).
     """
     from minivlm.config import VLMConfig
-    from minivlm.interop.safetensors_io import load_safetensors
+    from minivlm.safetensors_io import load_safetensors
     from minivlm.text.processor import Processor
 
     directory = Path(checkpoint_dir)

@@ -238,7 +238,7 @@ def load_lora(model: nn.Module, path: str | Path) -> list[str]:
     """
     from safetensors import safe_open
 
-    from minivlm.interop.safetensors_io import load_safetensors
+    from minivlm.safetensors_io import load_safetensors
 
     path = Path(path)
     state = load_safetensors(path)

@@ -22,6 +22,7 @@ from minivlm.config import ConfigError, VLMConfig
 from minivlm.data import build_dataset
 from minivlm.data.registry import parse_spec
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import image_seq_len, validate_config
 from minivlm.text.processor import Processor
 from minivlm.text.tokenizer import Tokenizer
 from minivlm.vision import ImageProcessor, ImageProcessorConfig
@@ -57,7 +58,7 @@ def build_tokenizer(dataset, vocab_size: int, n_samples: int = 3000, max_tiles: 
 def build_processor(cfg: VLMConfig, tokenizer: Tokenizer) -> Processor:
     image_cfg = ImageProcessorConfig(image_size=cfg.encoder.image_size, resize=cfg.data.resize,
                                      normalization=cfg.encoder.normalization, split_image=cfg.data.split_image)
-    return Processor(tokenizer, ImageProcessor(image_cfg), cfg.image_seq_len, max_length=cfg.data.max_length,
+    return Processor(tokenizer, ImageProcessor(image_cfg), image_seq_len(cfg), max_length=cfg.data.max_length,
                      video_max_frames=cfg.data.video_frames, temporal_patch_size=cfg.encoder.temporal_patch_size,
                      strict=cfg.data.strict)
 
@@ -218,11 +219,11 @@ def _train_and_evaluate(cfg: VLMConfig, handle, resume: bool, overrides, max_min
         corpus = ConcatDataset([*curriculum, train_data])
         tokenizer = build_tokenizer(corpus, cfg.decoder.vocab_size)
         processor = build_processor(attach_tokenizer(cfg, tokenizer), tokenizer)
-    cfg.validate()
+    validate_config(cfg)
     model = VisionLanguageModel(cfg)
     if previous is None:
         if base is not None:
-            from minivlm.interop.safetensors_io import load_safetensors
+            from minivlm.safetensors_io import load_safetensors
             from minivlm.model import WEIGHTS_NAME
 
             model.load_checkpoint_state(load_safetensors(Path(base) / WEIGHTS_NAME))

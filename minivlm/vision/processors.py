@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minivlm.registry import Registry
+from minivlm.registry_base import Registry
 from minivlm.vision.idefics3 import Idefics3ImageProcessor
 from minivlm.vision.llava import LlavaImageProcessor
 from minivlm.vision.nanovlm import NanoVLMImageProcessor

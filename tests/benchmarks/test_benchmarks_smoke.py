@@ -35,6 +35,7 @@ from benchmarks.summary import junit_counts  # noqa: E402
 from benchmarks.tables import format_table  # noqa: E402
 from benchmarks.train_step import SMALL_SHAPE, pack_stream, variable_samples  # noqa: E402
 from minivlm.data.collate import plan_packing  # noqa: E402
+from minivlm.registry import image_seq_len  # noqa: E402
 from minivlm.summary import summarize  # noqa: E402
 
 # One thread: on a shared 2-core machine, two busy processes with two threads each slow down many-fold.
@@ -184,7 +185,7 @@ def test_flop_model_agrees_with_the_measured_forward_flops():
     """3 x the FlopCounterMode forward of minivlm.summary (all tokens supervised): the documented
     count differs only by what it leaves out (causal half of attention, elementwise ops)."""
     config = benchmark_config(small=True)
-    length = config.image_seq_len + 64
+    length = image_seq_len(config) + 64
     counted = summarize(config, text_tokens=64).total_flops
     modelled = FlopModel.of(config).step_flops([(length, length)], n_images=1)
     assert modelled == pytest.approx(3 * counted, rel=0.05)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from minivlm.data.collate import IGNORE_INDEX, merge_shared_prefix, pad_collate
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
+from minivlm.registry import image_seq_len
 from minivlm.train.data import RenderedGroup, TrainCollator
 from tests.train import trainkit
 
@@ -46,8 +47,8 @@ def test_merge_layout_prefix_once_then_branches():
     group = rendered(cfg, questions_about(trainkit.shapes_samples()[0], QA))
     merged = merge_shared_prefix(group, cfg.image_token_id)
     prefix = merged["branch_ids"].count(0)
-    assert prefix > cfg.image_seq_len  # header + every image token is shared
-    assert merged["input_ids"].count(cfg.image_token_id) == cfg.image_seq_len  # the image once
+    assert prefix > image_seq_len(cfg)  # header + every image token is shared
+    assert merged["input_ids"].count(cfg.image_token_id) == image_seq_len(cfg)  # the image once
     assert len(merged["input_ids"]) == prefix + sum(len(g) - prefix for g in group)
     assert torch.equal(merged["pixel_values"], group[0].pixel_values)
     for k, g in enumerate(group, start=1):

@@ -4,7 +4,7 @@ import torch
 
 from minivlm.config import DecoderConfig
 from minivlm.decoders.llama import LlamaDecoder
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.norms import RMSNorm
 
 

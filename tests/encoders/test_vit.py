@@ -6,6 +6,7 @@ from minivlm.config import EncoderConfig
 from minivlm import preset
 from minivlm.config import ConfigError
 from minivlm.encoders.vit import VisionTransformer, mean_and_differences, resize_pos_embed, sincos_2d_pos_embed
+from minivlm.registry import validate_config
 
 
 def small(**kw):
@@ -120,7 +121,7 @@ def test_with_differences_a_still_is_one_frame_in_value_and_in_gradient(stem):
     kernel = deep.patch_embed.weight if stem == "patch" else deep.patch_embed.linear.weight
     assert kernel.grad[:, :3].abs().sum() > 0 and kernel.grad[:, 3:].abs().sum() == 0
     with pytest.raises(ConfigError, match="encoder.temporal_input: expected frames | differences"):
-        preset("tiny").override("encoder.temporal_input=delta").validate()
+        validate_config(preset("tiny").override("encoder.temporal_input=delta"))
 
 
 def test_conv_stem_keeps_the_patch_grid_and_unit_scale():
@@ -136,7 +137,7 @@ def test_conv_stem_needs_a_power_of_two_patch():
     from minivlm.config import ConfigError
 
     with pytest.raises(ConfigError, match="encoder.stem"):
-        preset("tiny").override("encoder.stem=conv", "encoder.patch_size=12", "encoder.image_size=48").validate()
+        validate_config(preset("tiny").override("encoder.stem=conv", "encoder.patch_size=12", "encoder.image_size=48"))
 
 
 def test_sincos_2d_values_follow_the_formula():
@@ -157,9 +158,9 @@ def test_sincos_2d_needs_a_width_divisible_by_four():
     from minivlm.config import ConfigError
 
     with pytest.raises(ConfigError, match="encoder.pos_embed"):
-        preset("tiny").override("encoder.pos_embed=sincos2d", "encoder.width=130", "encoder.n_heads=2").validate()
+        validate_config(preset("tiny").override("encoder.pos_embed=sincos2d", "encoder.width=130", "encoder.n_heads=2"))
     with pytest.raises(ConfigError, match="expected learned | sincos2d, got 'rope'"):
-        preset("tiny").override("encoder.pos_embed=rope").validate()
+        validate_config(preset("tiny").override("encoder.pos_embed=rope"))
 
 
 def test_sincos_position_embeddings_are_fixed_and_not_saved():

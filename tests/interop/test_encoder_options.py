@@ -6,11 +6,12 @@ import torch
 
 from minivlm.config import ConfigError, EncoderConfig, VLMConfig
 from minivlm.encoders.vit import VisionTransformer, idefics3_position_index
+from minivlm.registry import validate_config
 
 
 def encoder(**fields) -> VisionTransformer:
     config = VLMConfig(encoder=EncoderConfig(**{"width": 16, "depth": 1, "n_heads": 2, "mlp_dim": 32, **fields}))
-    return VisionTransformer(config.validate())
+    return VisionTransformer(validate_config(config))
 
 
 def test_idefics3_positions_are_the_grid_where_float_rounding_allows_and_repeat_rows_where_not():

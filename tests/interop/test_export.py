@@ -11,7 +11,7 @@ from minivlm.config import DecoderConfig
 from minivlm.decoders.llama import LlamaDecoder
 from minivlm.interop.export import decoder_state_to_hf, export_hf_llama, hf_llama_config
 from minivlm.interop.hf_llama import decoder_from_hf
-from minivlm.layers.attention import AttentionMask
+from minivlm.kernels.mask import AttentionMask
 
 
 def decoder_logits(decoder, ids: torch.Tensor) -> torch.Tensor:

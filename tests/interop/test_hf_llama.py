@@ -10,8 +10,8 @@ from minivlm.decoders.llama import LlamaDecoder
 from minivlm.interop import UnsupportedLayoutError, WeightMappingError
 from minivlm.interop.hf_llama import (decoder_config_from_hf, decoder_from_hf, load_hf_llama, load_hf_state,
                                       map_hf_llama_state)
-from minivlm.interop.safetensors_io import WeightsFileError
-from minivlm.layers.attention import AttentionMask
+from minivlm.safetensors_io import WeightsFileError
+from minivlm.kernels.mask import AttentionMask
 
 
 def decoder_logits(decoder, ids: torch.Tensor) -> torch.Tensor:

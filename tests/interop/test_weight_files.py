@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from minivlm.interop.hf_llama import load_hf_state
-from minivlm.interop.safetensors_io import WeightsFileError, load_weights
+from minivlm.safetensors_io import WeightsFileError, load_weights
 
 UNPICKLED: list[str] = []
 

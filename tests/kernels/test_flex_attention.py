@@ -14,10 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 flex_module = pytest.importorskip("minivlm.kernels.flex_attention")
-
-import minivlm.kernels  # noqa: E402
-from minivlm.kernels.dispatch import MASK_KINDS, PerMaskCache, default_backend  # noqa: E402
-from minivlm.layers.attention import BACKENDS, AttentionMask, attention, math_attention  # noqa: E402
+from minivlm.kernels.dispatch import (  # noqa: E402
+    AVAILABLE_BACKENDS,
+    BACKENDS,
+    MASK_KINDS,
+    PerMaskCache,
+    attention,
+    default_backend,
+    pick_backend,
+)
+from minivlm.kernels.mask import AttentionMask  # noqa: E402
+from minivlm.kernels.reference import math_attention  # noqa: E402
 
 BLOCK_MASKS = flex_module.BLOCK_MASKS
 block_mask_for = flex_module.block_mask_for
@@ -189,8 +196,8 @@ def test_mask_tensors_of_the_wrong_length_are_rejected():
 # -------------------------------------------------------------------------------------------
 # Registration and dispatch
 # -------------------------------------------------------------------------------------------
-def test_importing_minivlm_kernels_registers_flex():
-    assert "flex" in minivlm.kernels.AVAILABLE_BACKENDS
+def test_flex_is_listed_in_the_backend_table():
+    assert "flex" in AVAILABLE_BACKENDS
     assert BACKENDS["flex"] is flex_attention_backend
 
 
@@ -229,3 +236,11 @@ def test_block_sparse_kinds_fall_back_to_sdpa_when_flex_is_missing(monkeypatch):
 def test_unknown_mask_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown mask kind 'sliding_window'"):
         default_backend("sliding_window", "cuda")
+
+
+def test_attention_against_a_kv_cache_stays_on_sdpa():
+    key_valid = torch.ones(1, 96, dtype=torch.bool)
+    cuda = torch.device("cuda")  # a descriptor: nothing is allocated
+    assert pick_backend(AttentionMask.causal_lm(key_valid=key_valid), cuda, 96, 96) == "flex"  # training
+    assert pick_backend(AttentionMask.causal_lm(key_valid=key_valid), cuda, 40, 96) == "sdpa"  # prefill into a cache
+    assert pick_backend(AttentionMask.causal_lm(q_offset=95, key_valid=key_valid), cuda, 1, 96) == "sdpa"  # decode

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import minivlm.kernels  # noqa: F401  (registers flex / triton)
 from minivlm.config import preset
-from minivlm.layers.attention import BACKENDS
+from minivlm.kernels.dispatch import BACKENDS
 from minivlm.model import VisionLanguageModel
+from minivlm.registry import image_seq_len
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -94,11 +94,11 @@ def _tiny(device, *overrides):
 def _batch(model, device, batch=2, text=32):
     cfg = model.config
     g = torch.Generator().manual_seed(0)
-    placeholders = torch.full((batch, cfg.image_seq_len), cfg.image_token_id)
+    placeholders = torch.full((batch, image_seq_len(cfg)), cfg.image_token_id)
     words = torch.randint(cfg.image_token_id + 1, cfg.decoder.vocab_size, (batch, text), generator=g)
     input_ids = torch.cat([placeholders, words], 1)
     labels = input_ids.clone()
-    labels[:, : cfg.image_seq_len] = -100
+    labels[:, : image_seq_len(cfg)] = -100
     pixels = torch.randn(batch, cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size, generator=g)
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "pixel_values": pixels.to(device)}
 

@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 
 triton_attention_module = pytest.importorskip("minivlm.kernels.triton_attention")
 
-from minivlm.layers.attention import BACKENDS, AttentionMask, attention, math_attention  # noqa: E402
+from minivlm.kernels.dispatch import BACKENDS, attention  # noqa: E402
+from minivlm.kernels.mask import AttentionMask  # noqa: E402
+from minivlm.kernels.reference import math_attention  # noqa: E402
 
 RUNS_IN_THIS_PROCESS = torch.cuda.is_available() or triton_attention_module.INTERPRETER_READY
 

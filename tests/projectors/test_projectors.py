@@ -4,7 +4,7 @@ import torch
 
 from minivlm import preset
 from minivlm.projectors import pixel_shuffle
-from minivlm.registry import PROJECTORS
+from minivlm.registry import PROJECTORS, image_tokens
 
 
 @pytest.mark.parametrize("kind, tokens", [("linear", 64), ("mlp", 64), ("pixel_shuffle", 16), ("resampler", 16)])
@@ -12,7 +12,7 @@ def test_projector_shapes(kind, tokens):
     cfg = preset("tiny").override(f"projector={kind}")
     proj = PROJECTORS.get(kind)(cfg)
     out = proj(torch.randn(3, 64, cfg.encoder.width))
-    assert out.shape == (3, tokens, cfg.decoder.width) and tokens == cfg.image_tokens
+    assert out.shape == (3, tokens, cfg.decoder.width) and tokens == image_tokens(cfg)
 
 
 def test_pixel_shuffle_groups_neighbourhoods():

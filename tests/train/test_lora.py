@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minivlm.interop.safetensors_io import load_safetensors
+from minivlm.safetensors_io import load_safetensors
 from minivlm.model import VisionLanguageModel
 from minivlm.train import checkpoint as ckpt
 from minivlm.train.lora import (

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 import trainkit as tk
 
-from minivlm.interop.safetensors_io import load_safetensors
+from minivlm.safetensors_io import load_safetensors
 from minivlm.train.data import StepBatchSampler
 from minivlm.train.distributed import DistributedContext
 from minivlm.train.trainer import Trainer

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from minivlm.registry import Registry
+from minivlm.registry_base import Registry
 from minivlm.text.segments import Segment
 
 TEMPLATES: Registry = Registry("chat template")

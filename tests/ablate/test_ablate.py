@@ -15,6 +15,7 @@ import yaml
 from minivlm import ablate
 from minivlm.ablate import AblationGrid, GridError, Variant, plan_runs, run_ablation, write_report
 from minivlm.cli import main
+from minivlm.registry import image_tokens
 
 #: A model and data small enough that one run (train + eval) takes a few seconds on 2 cores: 48 px
 #: images (the smallest the shape scenes render) in 12 px patches (16 patches; pixel shuffle -> 4
@@ -128,7 +129,7 @@ def test_a_token_budget_gives_variants_with_fewer_image_tokens_more_steps(tmp_pa
     grid = AblationGrid.from_dict(micro_grid(steps=None, tokens=20_000))
     plans = {p.variant.settings[0][1]: p for p in plan_runs(grid, tmp_path)}
     linear, shuffle = plans["linear"].config, plans["pixel_shuffle"].config
-    assert linear.image_tokens == 16 and shuffle.image_tokens == 4
+    assert image_tokens(linear) == 16 and image_tokens(shuffle) == 4
     assert 1 <= linear.train.steps < shuffle.train.steps
     per_step = ablate.estimate_tokens_per_step(linear)
     assert linear.train.steps == round(20_000 / per_step)

@@ -1,14 +1,10 @@
-"""One attention entry point for every part of the model.
+"""What a query may see: the :class:`AttentionMask` description every attention call receives,
+and the one input check every backend shares.
 
-Modules never build mask matrices. They describe *which* keys a query may see with an
-:class:`AttentionMask` and call :func:`attention`, which picks a kernel:
-
-* ``sdpa`` with no mask tensor when the description is plain causal or plain bidirectional,
-  so PyTorch can take its flash path (an explicit mask silently drops SDPA to the
-  memory-efficient or math kernel);
-* ``sdpa`` with a boolean mask built from the description otherwise;
-* ``math``: the fp32-softmax reference, always available;
-* further backends (``flex``, ``triton``) register themselves in :data:`BACKENDS`.
+Modules never build mask matrices. They describe *which* keys a query may see and call
+:func:`minivlm.kernels.dispatch.attention`, which picks a kernel; each kernel reads the
+description its own way (SDPA a boolean matrix from :meth:`AttentionMask.dense`, FlexAttention a
+``mask_mod``, the Triton kernel per-token vectors).
 
 The VLM mask family (self-attention), for query ``i`` and key ``j`` of one row::
 
@@ -18,28 +14,32 @@ The VLM mask family (self-attention), for query ``i`` and key ``j`` of one row::
                     and (j <= i  or  span[i] == span[j] != 0)  # causal, but images see themselves
                                                                # bidirectionally (prefix-LM)
 
+with ``i`` and ``j`` measured in absolute positions (``q_offset + i``) so the same rule serves
+incremental decoding against a KV cache. Cross-attention (Flamingo) uses a different rule:
+a text query may see the tokens of image ``m`` when ``m < images_seen[i]``.
+
 Branches are prefix sharing: several continuations of one prefix (e.g. ten questions about the
 same image) sit in one document as ``prefix, branch 1, branch 2, ...``; each branch sees the
 prefix (branch id 0) and itself, never its siblings, so with positions restarting after the
 prefix every branch is computed exactly as if it followed the prefix alone
 (:func:`minivlm.data.collate.merge_shared_prefix`).
 
-with ``i`` measured in absolute positions (``q_offset + i``) so the same rule serves
-incremental decoding against a KV cache. Cross-attention (Flamingo) uses a different rule:
-a text query may see the tokens of image ``m`` when ``m < images_seen[i]``.
-
 Shapes: ``q [B, Hq, T, Dh]``, ``k, v [B, Hkv, S, Dh]`` with ``Hq % Hkv == 0`` (grouped-query).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+__all__ = ["AttentionMask", "MASK_KINDS", "check_attention_inputs"]
+
+#: Every value :attr:`AttentionMask.kind` can take.
+MASK_KINDS = frozenset(
+    {"causal", "bidirectional", "prefix_lm", "documents", "branches", "padded_causal", "padded_bidirectional", "cross"}
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,9 @@ class AttentionMask:
             seen = self.images_seen.to(device)[:, :, None]  # [B, T, 1]
             kid = self.key_image_ids.to(device)[:, None, :]  # [B, 1, S]
             return ((kid >= 0) & (kid < seen))[:, None]
+        if (self.causal and T == 1 and self.q_offset == S - 1 and self.key_valid is not None
+                and self.document_ids is None and self.span_ids is None and self.branch_ids is None):
+            return self._decode_step_dense(S)
         ref = next((t for t in (self.key_valid, self.document_ids, self.span_ids, self.branch_ids) if t is not None),
                    None)
         if device is None and ref is not None:
@@ -141,7 +144,9 @@ class AttentionMask:
         qpos = torch.arange(self.q_offset, self.q_offset + T, device=device)
         kpos = torch.arange(S, device=device)
         allowed = torch.ones(1, T, S, dtype=torch.bool, device=device)
-        if self.causal:
+        # A decode step against a static cache sits at or past the last key: causality admits
+        # every key there and only key_valid masks (built from key_valid alone, below).
+        if self.causal and self.q_offset < S - 1:
             causal = kpos[None, :] <= qpos[:, None]
             if self.span_ids is not None:
                 sq = self.span_ids[:, self.q_offset : self.q_offset + T]
@@ -163,12 +168,31 @@ class AttentionMask:
             allowed = allowed | (diag[None] & ~allowed.any(-1, keepdim=True))
         return allowed[:, None]
 
+    def _decode_step_dense(self, S: int) -> Tensor:
+        """:meth:`dense` of one query at the last key position (a decode step against a static
+        cache): the valid keys, or the query's own position when none is valid. Same values as the
+        general path, in a handful of ops (it runs once per generated token)."""
+        valid = self.key_valid[:, None, :].bool()  # [B, 1, S]
+        own = torch.zeros_like(valid[:1])
+        own[..., -1] = True
+        return (valid | (own & ~valid.any(-1, keepdim=True)))[:, None]
+
     def query_has_keys(self, T: int, S: int, device=None) -> Tensor:
         """``[B, 1, T, 1]`` bool: False for cross-attention queries that precede every image."""
         return self.dense(T, S, device).any(-1, keepdim=True)
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+_KEY_INDEXED = ("key_valid", "document_ids", "span_ids", "branch_ids")
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> None:
+    """The shape contract every backend relies on; raises ValueError naming what disagrees.
+
+    ``q [B, Hq, T, Dh]``, ``k, v [B, Hkv, S, Dh]`` with ``Hq % Hkv == 0``; the mask's per-key
+    tensors are ``[B or 1, S]`` and, where queries read them at ``q_offset + i``, cover
+    ``q_offset + T <= S``; cross-attention's ``images_seen`` is ``[B or 1, T]``. Python-level
+    checks only: nothing here reads tensor values (no device sync, nothing for a compiler to break on).
+    """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects 4-d q/k/v [B, H, T, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
@@ -177,92 +201,18 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q and k disagree on batch or head dim: {tuple(q.shape)} vs {tuple(k.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-
-
-def attention_weights(q: Tensor, k: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
-    """Softmax attention weights ``[B, Hq, T, S]`` in fp32 (rows with no allowed key are all zero)."""
-    Hq, Hkv, T, S = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if Hq != Hkv:
-        k = k.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale
-    scores = scores.masked_fill(~mask.dense(T, S, q.device), float("-inf"))
-    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # empty rows (cross-attention) -> 0
-
-
-def math_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None, *,
-                   weights_hook: Callable[[Tensor], None] | None = None) -> Tensor:
-    """Reference attention: explicit scores, fp32 softmax. Returns ``[B, Hq, T, Dh]`` in q's dtype.
-
-    ``weights_hook`` receives the ``[B, Hq, T, S]`` weights (attention maps, ``minivlm.explain``).
-    """
-    probs = attention_weights(q, k, mask, scale)
-    if weights_hook is not None:
-        weights_hook(probs)
-    if v.shape[1] != q.shape[1]:
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return torch.einsum("bhts,bhsd->bhtd", probs, v.float()).to(q.dtype)
-
-
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float | None = None) -> Tensor:
-    """PyTorch SDPA; flag-only (flash-eligible) when the mask is plain, else a boolean mask."""
-    T, S = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    flag = mask.flag_only(T, S)
-    if flag is not None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=flag, scale=scale, enable_gqa=gqa)
-    allowed = mask.dense(T, S, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
-    if mask.is_cross:
-        out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-    return out
-
-
-AttentionFn = Callable[..., Tensor]
-
-#: Registered attention kernels. ``flex`` and ``triton`` add themselves from ``minivlm.kernels``.
-BACKENDS: dict[str, AttentionFn] = {"math": math_attention, "sdpa": sdpa_attention}
-
-
-def register_backend(name: str, fn: AttentionFn) -> None:
-    BACKENDS[name] = fn
-
-
-def pick_backend(mask: AttentionMask, device: torch.device) -> str:
-    """Default kernel choice per (device, mask kind); see :mod:`minivlm.kernels.dispatch`.
-
-    Decode steps (``q_offset > 0``) stay on SDPA: FlexAttention compiles per shape and offset.
-    """
-    if mask.q_offset:
-        return "sdpa"
-    from minivlm.kernels.dispatch import default_backend  # lazy: minivlm.kernels imports this module
-
-    return default_backend(mask.kind, device.type)
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: AttentionMask,
-    *,
-    backend: str | None = None,
-    scale: float | None = None,
-) -> Tensor:
-    """Scaled dot-product attention under a mask description.
-
-    Args:
-        q: ``[B, Hq, T, Dh]``; k, v: ``[B, Hkv, S, Dh]``.
-        mask: what each query may see.
-        backend: a key of :data:`BACKENDS`, or None/"auto" to choose per device and mask kind.
-    Returns:
-        ``[B, Hq, T, Dh]``.
-    """
-    _check_shapes(q, k, v)
-    if backend in (None, "auto"):
-        backend = pick_backend(mask, q.device)
-    try:
-        fn = BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}") from None
-    return fn(q, k, v, mask, scale=scale)
+    B, T, S = q.shape[0], q.shape[2], k.shape[2]
+    if mask.q_offset < 0:
+        raise ValueError(f"mask.q_offset must be >= 0; got {mask.q_offset}")
+    for name in _KEY_INDEXED + ("key_image_ids",):
+        values = getattr(mask, name)
+        if values is None:
+            continue
+        if values.ndim != 2 or values.shape[0] not in (1, B) or values.shape[1] != S:
+            raise ValueError(f"mask.{name} must be [B or 1, S] = [{B} or 1, {S}]; got {tuple(values.shape)}")
+        if name in ("document_ids", "span_ids", "branch_ids") and mask.q_offset + T > S:
+            raise ValueError(f"mask.{name} gives query ids at positions q_offset..q_offset+T-1 = "
+                             f"{mask.q_offset}..{mask.q_offset + T - 1}, beyond its length S={S}")
+    seen = mask.images_seen
+    if seen is not None and (seen.ndim != 2 or seen.shape[0] not in (1, B) or seen.shape[1] != T):
+        raise ValueError(f"mask.images_seen must be [B or 1, T] = [{B} or 1, {T}]; got {tuple(seen.shape)}")

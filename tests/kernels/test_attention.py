@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivlm.layers.attention import AttentionMask, attention, math_attention, sdpa_attention
+from minivlm.kernels.dispatch import attention
+from minivlm.kernels.mask import AttentionMask
+from minivlm.kernels.reference import math_attention, sdpa_attention
 
 
 def _qkv(B=2, Hq=4, Hkv=2, T=10, S=10, D=16, dtype=torch.float32):

@@ -1,0 +1,181 @@
+"""Collecting a sweep's results: one record per run, one summary per variant (mean and spread
+over seeds), and what each variant costs (parameters, FLOPs, image tokens)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minivlm.ablate.grid import AblationGrid, Variant
+from minivlm.config import VLMConfig
+
+
+EVAL_FILE = "eval.json"
+EVAL_LOSS_FILE = "eval_loss.json"
+ERROR_FILE = "error.json"
+RUN_INFO_FILE = "run_info.json"  # when, where and how long a run took: tok/s mean little without it
+
+#: Fraction of the final steps whose logged losses are averaged into "final train loss".
+FINAL_LOSS_FRACTION = 0.1
+
+
+# ---- collecting -------------------------------------------------------------------------------
+
+
+def run_dir_of(out_dir: str | Path, variant: Variant, seed: int) -> Path:
+    return Path(out_dir) / variant.name / f"seed_{seed}"
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once the recipe wrote its evaluation."""
+    return (run_dir / EVAL_FILE).is_file()
+
+
+def machine_description() -> str:
+    """Where the numbers were measured: CPU count or GPU, torch version, platform."""
+    if torch.cuda.is_available():
+        device = f"GPU {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"CPU ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
+    return f"{device}; torch {torch.__version__}; {platform.platform(terse=True)}"
+
+
+@dataclass
+class RunRecord:
+    """One run's numbers (a row of ``runs.csv``). ``status``: finished | failed | pending."""
+
+    variant: str
+    seed: int
+    status: str
+    error: str = ""
+    steps: int | None = None
+    tokens_per_s: float | None = None
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # run_info.json: finished, machine, wall_seconds
+
+
+def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
+    """The record of one run directory, whatever state it is in."""
+    from minivlm.train.plot import read_metrics
+
+    if (run_dir / ERROR_FILE).is_file():
+        return RunRecord(variant, seed, "failed", json.loads((run_dir / ERROR_FILE).read_text())["error"])
+    if not is_finished(run_dir):
+        return RunRecord(variant, seed, "pending")
+    evaluation = json.loads((run_dir / EVAL_FILE).read_text())
+    train, _ = read_metrics(run_dir)
+    curve = [(r["step"], r["loss"]) for r in train if r.get("loss") is not None]
+    steps = int(evaluation.get("steps") or (curve[-1][0] if curve else 0))
+    final = [loss for step, loss in curve if step > (1 - FINAL_LOSS_FRACTION) * steps] or [c[1] for c in curve[-1:]]
+    rates = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
+    eval_loss = None
+    if (run_dir / EVAL_LOSS_FILE).is_file():
+        eval_loss = json.loads((run_dir / EVAL_LOSS_FILE).read_text())["eval_loss"]
+    info = json.loads((run_dir / RUN_INFO_FILE).read_text()) if (run_dir / RUN_INFO_FILE).is_file() else {}
+    return RunRecord(
+        variant, seed, "finished", steps=steps,
+        # The median step rate: robust to the odd step slowed by a checkpoint or a busy machine.
+        tokens_per_s=statistics.median(rates) if rates else None,
+        final_loss=statistics.fmean(final) if final else None, eval_loss=eval_loss,
+        metrics=dict(evaluation["metrics"]), curve=curve, info=info)
+
+
+@dataclass(frozen=True)
+class VariantShape:
+    """What a config costs: parameters, forward FLOPs of one image + ``text_tokens`` text
+    tokens, tokens per image after the projector and in the text stream."""
+
+    params: int
+    flops_per_sample: int
+    image_tokens: int
+    image_seq_len: int
+
+
+def variant_shape(cfg: VLMConfig, text_tokens: int = 64) -> VariantShape:
+    """Measure a config on a frozen meta-device copy (no memory), as ``minivlm summary`` does.
+
+    The copy is frozen because a view of a parameter taken under ``no_grad`` (the resampler
+    expands its latents) still requires grad without a grad_fn, which the module tracker of
+    ``FlopCounterMode`` rejects.
+    """
+    from minivlm.model import VisionLanguageModel
+    from minivlm.registry import image_seq_len, image_tokens
+    from minivlm.summary import count_flops
+
+    with torch.device("meta"):
+        model = VisionLanguageModel(cfg)
+    model.requires_grad_(False)
+    return VariantShape(model.num_parameters(), sum(count_flops(model, text_tokens).values()),
+                        image_tokens(cfg), image_seq_len(cfg))
+
+
+@dataclass
+class VariantSummary:
+    """One row of ``results.md``: a variant's shape (None when its config is invalid) and its runs."""
+
+    variant: Variant
+    shape: VariantShape | None
+    runs: list[RunRecord]
+
+    @property
+    def finished(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.status == "finished"]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.runs if r.status == "failed"]
+
+    def stat(self, get: Callable[[RunRecord], float | None]) -> tuple[float, float] | None:
+        """``(mean, std)`` of a per-run number over finished seeds (std 0 with one seed)."""
+        values = [v for v in (get(r) for r in self.finished) if v is not None and math.isfinite(v)]
+        if not values:
+            return None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(grid: AblationGrid, out_dir: str | Path) -> list[VariantSummary]:
+    """Read every run of ``grid`` in ``out_dir`` (finished, failed or pending) into summaries."""
+    out_dir = Path(out_dir)
+    summaries = []
+    for variant in grid.variants():
+        runs = [read_run(run_dir_of(out_dir, variant, s), variant.name, s) for s in grid.seeds]
+        try:
+            shape: VariantShape | None = variant_shape(
+                _trained_config(out_dir, variant, grid) or grid.variant_config(variant, grid.seeds[0]))
+        except ValueError:
+            shape = None  # an invalid variant has no shape; its runs carry the error
+        summaries.append(VariantSummary(variant, shape, runs))
+    return summaries
+
+
+def _trained_config(out_dir: Path, variant: Variant, grid: AblationGrid) -> VLMConfig | None:
+    """The config a finished run saved (its vocabulary is the trained tokenizer's)."""
+    for seed in grid.seeds:
+        path = run_dir_of(out_dir, variant, seed) / "model" / "config.json"
+        if path.is_file():
+            return VLMConfig.from_json(path)
+    return None
+
+
+def headline_metrics(summaries: Sequence[VariantSummary]) -> list[str]:
+    """Metrics of the main table: each task's overall accuracy and caption CIDEr, sorted."""
+    names = {k for s in summaries for r in s.finished for k in r.metrics}
+    return sorted(k for k in names if k.endswith("/accuracy") or k.endswith("/caption_cider"))
+
+
+def detail_metrics(summaries: Sequence[VariantSummary]) -> list[str]:
+    """The other metrics (per question type, BLEU), for the second table."""
+    names = {k for s in summaries for r in s.finished for k in r.metrics}
+    return sorted(names - set(headline_metrics(summaries)))
