@@ -584,7 +584,9 @@ class Trainer:
         sync_ctx = nullcontext() if sync else self.dist.no_sync(self.wrapped)
         with sync_ctx:
             with autocast(self.precision, self.device):
-                out = self.forward_module(**inputs, return_logits=False)
+                # validate=False: the processor and collator built this batch (placeholders match
+                # the images, ids come from the tokenizer), so no value check reads the device.
+                out = self.forward_module(**inputs, return_logits=False, validate=False)
             self.scaler.scale(out.loss_sum * weight).backward()
         return out.loss_sum.detach() if weight else torch.zeros((), device=self.device)
 
