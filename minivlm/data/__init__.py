@@ -8,7 +8,8 @@ the Hugging Face chat format (see :mod:`minivlm.data.sample`). Build one by name
 * procedural tasks rendered on the fly, deterministic per ``(seed, split, index)``
   (:mod:`minivlm.data.synthetic`): :class:`ShapesDataset`, :class:`ChartsDataset`,
   :class:`MultiImageDataset`, :class:`VideoDataset`, :class:`RetrievalDataset`;
-* user data: :class:`ChatJsonlDataset`, :class:`LlavaJsonDataset` (:mod:`minivlm.data.jsonl`);
+* user data, indexed lazily (:mod:`minivlm.data.file_dataset`): :class:`ChatJsonlDataset`
+  (:mod:`minivlm.data.jsonl`), :class:`LlavaJsonDataset` (:mod:`minivlm.data.llava`);
 * :class:`Mixture`: a seeded weighted mixture of any of these (:mod:`minivlm.data.mixture`).
 """
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 from minivlm.data.charts import BarChart, ChartsDataset
 from minivlm.data.drawing import COLOR_NAMES, COLORS, SHAPES, Shape, ShapeScene
 from minivlm.data.easy_vqa import EasyVQA, EasyVQAQuestion
-from minivlm.data.jsonl import ChatJsonlDataset, LlavaJsonDataset
+from minivlm.data.jsonl import ChatJsonlDataset
+from minivlm.data.llava import LlavaJsonDataset
 from minivlm.data.mixture import Mixture
 from minivlm.data.multi_image import MultiImageDataset
 from minivlm.data.registry import (

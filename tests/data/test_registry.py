@@ -108,3 +108,24 @@ def test_registering_new_names():
         register_dataset("shapes", lambda request: ShapesDataset())
     with pytest.raises(ValueError, match="identifiers"):
         register_dataset("my-set", lambda request: ShapesDataset())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("llava:/d/a.json?images", "KEY=VALUE pairs"),
+        ("llava:/d/a.json?images=", "KEY=VALUE pairs"),
+        ("llava:/d/a.json?root=/x", "has no option 'root'; it takes: images"),
+        ("llava:/d/a.json?images=/x&images=/y", "given twice"),
+        ("llava:?images=/x", "needs a file"),
+    ],
+)
+def test_bad_file_options_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+def test_options_and_weight_parse_and_the_label_round_trips():
+    (source, other) = parse_spec("llava:/d/a:b.json?images=/imgs:0.25,shapes:0.75")
+    assert (source.path, source.options, source.weight) == ("/d/a:b.json", (("images", "/imgs"),), 0.25)
+    assert parse_spec(source.label)[0].options == source.options and other.label == "shapes"
