@@ -52,8 +52,8 @@ class Record:
 class ChatFileDataset(Dataset, ABC):
     """A map-style dataset over the records of one file (see the module docstring).
 
-    Subclasses index the file (:meth:`_index`) and turn one record's bytes into a
-    :class:`Record` (:meth:`_parse`).
+    Subclasses index the file (:meth:`_index`) and build one checked :class:`Record`
+    (:meth:`record`); :class:`JsonRecordDataset` does the latter for records stored as JSON.
     """
 
     #: Default ``task`` field of the samples.
@@ -89,8 +89,8 @@ class ChatFileDataset(Dataset, ABC):
         """Where the file's records are."""
 
     @abstractmethod
-    def _parse(self, raw: bytes, line: int) -> Record:
-        """One record's bytes -> a checked :class:`Record` (media resolved), or DataError."""
+    def record(self, position: int) -> Record:
+        """Record ``position`` parsed and checked, media resolved but not decoded (or DataError)."""
 
     def _where(self, line: int) -> str:
         return f"{self.path}:{line}"
@@ -122,11 +122,6 @@ class ChatFileDataset(Dataset, ABC):
                     yield sample
         self._log_summary()
 
-    def record(self, position: int) -> Record:
-        """Record ``position`` parsed and checked, media not decoded (raises DataError)."""
-        raw = read_record(self._file(), self.index, position)
-        return self._parse(raw, int(self.index.lines[position]))
-
     def summary(self) -> str:
         """One line: how many records are usable and how many were skipped, by reason."""
         usable = len(self.index) - len(self._failed)
@@ -134,6 +129,7 @@ class ChatFileDataset(Dataset, ABC):
 
     # --- helpers ----------------------------------------------------------------------------
     def _file(self) -> int:
+        """The data file, opened once per process (for ``pread``)."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
@@ -183,6 +179,18 @@ class ChatFileDataset(Dataset, ABC):
                 self._reject(error)
                 keep[position] = False
         self.index = self.index.select(keep)
+
+
+class JsonRecordDataset(ChatFileDataset, ABC):
+    """A file dataset whose records are JSON values at the index's byte ranges."""
+
+    def record(self, position: int) -> Record:
+        raw = read_record(self._file(), self.index, position)
+        return self._parse(raw, int(self.index.lines[position]))
+
+    @abstractmethod
+    def _parse(self, raw: bytes, line: int) -> Record:
+        """One record's bytes -> a checked :class:`Record` (media resolved), or DataError."""
 
 
 def decode_json(raw: bytes, source: str) -> Any:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from minivlm.data.file_dataset import ChatFileDataset, Record, decode_json
+from minivlm.data.file_dataset import JsonRecordDataset, Record, decode_json
 from minivlm.data.json_index import RecordIndex, index_jsonl
 from minivlm.data.sample import DataError, checked_messages
 from minivlm.vision import DEFAULT_MAX_PIXELS
 
 
-class ChatJsonlDataset(ChatFileDataset):
+class ChatJsonlDataset(JsonRecordDataset):
     """Chat-format JSONL (see the module docstring).
 
     Args:

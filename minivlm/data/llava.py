@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from minivlm.data.file_dataset import ChatFileDataset, Record, decode_json
+from minivlm.data.file_dataset import JsonRecordDataset, Record, decode_json
 from minivlm.data.json_index import RecordIndex, index_json_array
 from minivlm.data.sample import DataError, checked_llava
 from minivlm.vision import DEFAULT_MAX_PIXELS
 
 
-class LlavaJsonDataset(ChatFileDataset):
+class LlavaJsonDataset(JsonRecordDataset):
     """LLaVA-format JSON (see the module docstring).
 
     Args:

@@ -30,14 +30,15 @@ class MediaRoot:
     """Resolves and decodes the media of records whose paths are relative to ``root``.
 
     Args:
-        root: the image folder; no path may lead outside it (``..``, absolute, symlinks).
+        root: the image folder; no path may lead outside it (``..``, absolute, symlinks). None:
+            the records carry their media (shards), and a path is refused.
         max_pixels: per image (and frame) decompression-bomb limit of
             :func:`minivlm.vision.load_image`.
     """
 
-    def __init__(self, root: str | os.PathLike, max_pixels: int | None) -> None:
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
+    def __init__(self, root: str | os.PathLike | None, max_pixels: int | None) -> None:
+        self.root = Path(root).resolve() if root is not None else None
+        if self.root is not None and not self.root.is_dir():
             raise FileNotFoundError(f"{root}: image root is not a directory")
         self.max_pixels = max_pixels
 
@@ -53,7 +54,8 @@ class MediaRoot:
 
     def _resolve_part(self, part: Part, source: str) -> Part:
         if isinstance(part, ImagePart):
-            return part if _is_encoded(part.image) else ImagePart(self.resolve_path(part.image, source))
+            return part if _is_encoded(part.image) or isinstance(part.image, Image.Image) else \
+                ImagePart(self.resolve_path(part.image, source))
         if isinstance(part, VideoPart):
             video = part.video
             if isinstance(video, list):
@@ -70,8 +72,11 @@ class MediaRoot:
         of the root are refused before anything outside it is opened.
         """
         if not isinstance(value, str) or not value:
-            raise DataError(f"a media path must be a non-empty string, got {value!r}", reason="bad_format",
+            raise DataError(f"a media path must be a non-empty string, got {value!r:.60}", reason="bad_format",
                             source=source)
+        if self.root is None:
+            raise DataError(f"media path {value!r}: this source's records carry their images, not paths",
+                            reason="bad_format", source=source)
         candidate = Path(value)
         resolved = (candidate if candidate.is_absolute() else self.root / candidate).resolve()
         if not resolved.is_relative_to(self.root):
@@ -110,6 +115,56 @@ class MediaRoot:
             return load_image(image, max_pixels=self.max_pixels)
         except ImageLoadError as error:
             raise DataError(str(error), reason="corrupt_image", source=source) from error
+
+
+def bind_media(messages: Any, images: list[Any], named: dict[str, Any] | None, source: str) -> Any:
+    """Fill a raw record's media items from the media stored with it (shard formats).
+
+    An image (video) item without a value takes the next of ``images`` (``videos`` in the same
+    list, in order), as the Hugging Face ``messages`` + ``images`` column layout does; an item
+    whose value is a string that names an entry of ``named`` (a webdataset sample's files, by
+    extension: ``"jpg"``, ``"1.png"``) takes that entry. Anything else is left for the checks.
+
+    Raises:
+        DataError: ``image_count_mismatch`` when the items and the stored images disagree.
+    """
+    if not isinstance(messages, list):
+        return messages
+    remaining = list(images)
+    used = 0
+    bound = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            bound.append(message)
+            continue
+        items = []
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind in ("image", "video"):
+                value = item.get(kind)
+                if value is None:
+                    if used == len(remaining):
+                        raise DataError(f"more {kind} items than the {len(remaining)} stored images",
+                                        reason="image_count_mismatch", source=source)
+                    item = {**item, kind: remaining[used]}
+                    used += 1
+                elif named is not None and isinstance(value, str) and value in named:
+                    item = {**item, kind: named[value]}
+            items.append(item)
+        bound.append({**message, "content": items})
+    if named is None and used != len(remaining):
+        raise DataError(f"{len(remaining)} stored images but {used} image items take them",
+                        reason="image_count_mismatch", source=source)
+    return bound
+
+
+def encoded_image(cell: Any) -> Any:
+    """An image as stored in a table cell: bytes, Hugging Face's ``{"bytes", "path"}`` struct
+    (its bytes), or a decoded image; None stays None."""
+    if isinstance(cell, dict):
+        return cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
+    return cell
 
 
 def _is_encoded(value: Any) -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from minivlm.data.charts import ChartsDataset
+from minivlm.data.coco import CocoCaptionsDataset
 from minivlm.data.easy_vqa import EasyVQA, EasyVQADialogues
 from minivlm.data.grouped import GroupedQuestions
 from minivlm.data.jsonl import ChatJsonlDataset
@@ -246,3 +247,31 @@ register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path, image_r
 register_dataset("llava", lambda request: LlavaJsonDataset(request.path, image_folder=request.option("images"),
                                                            strict=request.strict, verify=request.strict),
                  takes_path=True, options=("images",))
+register_dataset("coco", lambda request: CocoCaptionsDataset(request.path, image_folder=request.option("images"),
+                                                            strict=request.strict, verify=request.strict),
+                 takes_path=True, options=("images",))
+
+
+# Sharded sources (minivlm.data.shards) read their shards lazily; their libraries load on first use.
+def _webdataset(request: DatasetRequest) -> Dataset:
+    from minivlm.data.webdataset_source import WebDatasetSource
+
+    return WebDatasetSource(request.path, strict=request.strict)
+
+
+def _parquet(request: DatasetRequest) -> Dataset:
+    from minivlm.data.parquet_source import ParquetSource
+
+    return ParquetSource(request.path, strict=request.strict)
+
+
+def _hf(request: DatasetRequest) -> Dataset:
+    from minivlm.data.parquet_source import hf_source
+
+    return hf_source(request.path, split=request.option("split", "train"), config=request.option("config"),
+                     strict=request.strict)
+
+
+register_dataset("webdataset", _webdataset, takes_path=True)
+register_dataset("parquet", _parquet, takes_path=True)
+register_dataset("hf", _hf, takes_path=True, options=("split", "config"))

@@ -138,6 +138,18 @@ def checked_llava(conversations: Any, images: list[Any], videos: list[Any] = (),
     return normalized
 
 
+#: The captioning prompt of converted caption data (COCO, webdataset ``txt``, parquet ``caption``),
+#: the one :mod:`minivlm.data.shapes` asks.
+CAPTION_PROMPT = "Describe the image."
+
+
+def caption_messages(image: Any, caption: str, require_assistant: bool = True, source: str = "") -> list[Message]:
+    """A checked captioning conversation: ``image`` and :data:`CAPTION_PROMPT`, answered by ``caption``."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]},
+                {"role": "assistant", "content": caption}]
+    return checked_messages(messages, require_assistant=require_assistant, source=source)
+
+
 def sample_from_messages(messages: list[Message], **metadata: Any) -> dict[str, Any]:
     """A sample dict (module docstring) of decoded ``messages``, with its ``answer``."""
     hf_messages = to_hf_messages(messages)
