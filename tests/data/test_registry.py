@@ -21,7 +21,7 @@ def test_known_names():
         ["easy_vqa", "easy_vqa_grouped", "easy_vqa_open", "easy_vqa_shape", "easy_vqa_color", "easy_vqa_dialogues",
          "shapes", "charts",
          "multi_image", "video", "retrieval", "shapes_grouped", "charts_grouped", "multi_image_grouped", "jsonl",
-         "llava"]
+         "llava", "coco", "webdataset", "parquet", "hf"]
     )
 
 
@@ -84,7 +84,7 @@ def test_file_sources_take_a_path_and_an_optional_weight(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("shapez", "unknown dataset 'shapez'.*known datasets: charts, charts_grouped, easy_vqa"),
+        ("shapez", "unknown dataset 'shapez'.*known datasets: charts, charts_grouped, coco, easy_vqa"),
         ("shapes:0", "> 0"),
         ("shapes:-0.5", "> 0"),
         ("shapes:nan", "finite"),
