@@ -156,10 +156,7 @@ class ArrowDatasetSource(ShardedSource):
 def hf_source(path: str, *, split: str = "train", config: str | None = None, strict: bool = False,
               require_assistant: bool = True) -> ShardedSource:
     """The source for ``hf:PATH`` (module docstring)."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("hf: data needs the Hugging Face datasets package: pip install 'minivlm[hf]'") from error
+    import datasets
     saved = any((Path(path) / marker).is_file() for marker in ("state.json", "dataset_dict.json"))
     if saved:  # written by save_to_disk
         loaded = datasets.load_from_disk(path)

@@ -253,19 +253,29 @@ register_dataset("coco", lambda request: CocoCaptionsDataset(request.path, image
 
 
 # Sharded sources (minivlm.data.shards) read their shards lazily; their libraries load on first use.
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{extra}: data needs the {module!r} package: pip install 'minivlm[{extra}]'")
+
+
 def _webdataset(request: DatasetRequest) -> Dataset:
+    _require("webdataset", "webdataset")
     from minivlm.data.webdataset_source import WebDatasetSource
 
     return WebDatasetSource(request.path, strict=request.strict)
 
 
 def _parquet(request: DatasetRequest) -> Dataset:
+    _require("pyarrow", "hf")
     from minivlm.data.parquet_source import ParquetSource
 
     return ParquetSource(request.path, strict=request.strict)
 
 
 def _hf(request: DatasetRequest) -> Dataset:
+    _require("datasets", "hf")
     from minivlm.data.parquet_source import hf_source
 
     return hf_source(request.path, split=request.option("split", "train"), config=request.option("config"),
