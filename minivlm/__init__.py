@@ -18,11 +18,11 @@ from minivlm.config import (DataConfig, DecoderConfig, EncoderConfig, FusionConf
 __version__ = "0.1.0"
 
 #: Names served lazily: attribute -> module that defines it.
-_LAZY = {"VisionLanguageModel": "minivlm.model", "VLMOutput": "minivlm.model"}
+_LAZY = {"VisionLanguageModel": "minivlm.model", "VLMOutput": "minivlm.model", "build": "minivlm.builder"}
 
 __all__ = [
     "VLMConfig", "EncoderConfig", "ProjectorConfig", "FusionConfig", "DecoderConfig", "TrainConfig", "DataConfig",
-    "preset", "VisionLanguageModel", "VLMOutput", "__version__",
+    "preset", "VisionLanguageModel", "VLMOutput", "build", "__version__",
 ]
 
 
