@@ -23,7 +23,6 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch.utils.data import Dataset
 from minivlm.data.json_index import RecordIndex, read_record
 from minivlm.data.media import MediaRoot
 from minivlm.data.sample import DataError, sample_from_messages
+from minivlm.data.skips import SkippingReader
 from minivlm.text.chat import Message
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class ChatFileDataset(Dataset, ABC):
+class ChatFileDataset(SkippingReader, Dataset, ABC):
     """A map-style dataset over the records of one file (see the module docstring).
 
     Subclasses index the file (:meth:`_index`) and build one checked :class:`Record`
@@ -66,10 +66,8 @@ class ChatFileDataset(Dataset, ABC):
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such data file")
         self.media = MediaRoot(image_root, max_pixels)
-        self.strict = strict
+        self._init_skips(strict)
         self.require_assistant = require_assistant
-        self.skipped: Counter[str] = Counter()
-        self._failed: set[int] = set()  # positions that failed in this process (counted once)
         self._fd: int | None = None  # the file, opened per process (DataLoader workers open their own)
         self.index: RecordIndex = self._index()
         if verify or verify_images:
@@ -101,16 +99,7 @@ class ChatFileDataset(Dataset, ABC):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The sample of record ``index``; if it is bad (and not strict), the next loadable one."""
-        count = len(self.index)
-        index = range(count)[index]
-        for offset in range(count):
-            position = (index + offset) % count
-            if position not in self._failed:
-                sample = self._try_load(position)
-                if sample is not None:
-                    return sample
-        raise DataError(f"every record failed to load ({self._skip_text()})", reason="no_records",
-                        source=str(self.path))
+        return self._first_loadable(index, len(self.index), str(self.path))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """All loadable samples once, in file order (bad records are skipped, not replaced);
@@ -144,26 +133,8 @@ class ChatFileDataset(Dataset, ABC):
     def _log_summary(self) -> None:
         logger.log(logging.WARNING if self.skipped else logging.INFO, "%s", self.summary())
 
-    def _skip_text(self) -> str:
-        total = sum(self.skipped.values())
-        if not total:
-            return "0 skipped"
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
-        return f"{total} skipped ({reasons})"
-
-    def _reject(self, error: DataError) -> None:
-        if self.strict:
-            raise error
-        self.skipped[error.reason] += 1
-        logger.warning("skipped record [%s] %s", error.reason, error)
-
-    def _try_load(self, position: int) -> dict[str, Any] | None:
-        try:
-            return self._load(self.record(position))
-        except DataError as error:
-            self._failed.add(position)
-            self._reject(error)
-            return None
+    def _load_position(self, position: int) -> dict[str, Any]:
+        return self._load(self.record(position))
 
     def _load(self, record: Record) -> dict[str, Any]:
         return sample_from_messages(self.media.load(record.messages, record.source), **record.metadata)

@@ -30,9 +30,7 @@ Bad records are skipped and counted like the data files' (:mod:`minivlm.data.fil
 from __future__ import annotations
 
 import bisect
-import logging
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +40,9 @@ from torch.utils.data import Dataset
 
 from minivlm.data.media import MediaRoot
 from minivlm.data.sample import DataError, sample_from_messages
+from minivlm.data.skips import SkippingReader
 from minivlm.text.chat import Message
 
-logger = logging.getLogger(__name__)
 
 # Keeps the shard permutations apart from anything else seeded with the same seed.
 _SHARD_STREAM = 0x73686172
@@ -58,7 +56,7 @@ class Shard:
     size: int
 
 
-class ShardedSource(Dataset, ABC):
+class ShardedSource(SkippingReader, Dataset, ABC):
     """Records in shards, numbered by position (module docstring). Subclasses read one shard
     sequentially from an offset (:meth:`_read_shard`) and turn a raw record into checked
     messages (:meth:`_messages`).
@@ -79,10 +77,9 @@ class ShardedSource(Dataset, ABC):
             raise DataError("no records in any shard", reason="no_records",
                             source=", ".join(s.name for s in shards[:3]) or "(no shards)")
         self.starts = np.concatenate([[0], np.cumsum([s.size for s in self.shards])]).astype(np.int64)
-        self.strict, self.require_assistant = strict, require_assistant
+        self.require_assistant = require_assistant
         self.media = MediaRoot(None, max_pixels)
-        self.skipped: Counter[str] = Counter()
-        self._failed: set[int] = set()
+        self._init_skips(strict)
         self._cursor: tuple[int, int, Iterator[Any]] | None = None  # (shard, next offset, records)
 
     # ---- format-specific parts -----------------------------------------------------------------
@@ -111,16 +108,7 @@ class ShardedSource(Dataset, ABC):
     # ---- reading -------------------------------------------------------------------------------
     def __getitem__(self, position: int) -> dict[str, Any]:
         """The sample at ``position``; if that record is bad (and not strict), the next loadable."""
-        count = len(self)
-        position = range(count)[position]
-        for step in range(count):
-            candidate = (position + step) % count
-            if candidate not in self._failed:
-                sample = self._try_load(candidate)
-                if sample is not None:
-                    return sample
-        raise DataError(f"every record failed to load ({self._skip_text()})", reason="no_records",
-                        source=self.shards[0].name)
+        return self._first_loadable(position, len(self), self.shards[0].name)
 
     def raw(self, position: int) -> Any:
         """The raw record at ``position`` (sequential reads continue the open shard)."""
@@ -143,25 +131,12 @@ class ShardedSource(Dataset, ABC):
         return {**self.__dict__, "_cursor": None}  # each DataLoader worker opens its own shards
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _try_load(self, position: int) -> dict[str, Any] | None:
+    def _load_position(self, position: int) -> dict[str, Any]:
         shard, offset = self.locate(position)
         source = f"{self.shards[shard].name}#{offset}"
-        try:
-            messages, metadata = self._messages(self.raw(position), source)
-            messages = self.media.load(self.media.resolve(messages, source), source)  # resolve: refuses paths
-            return sample_from_messages(messages, **{"task": self.task, "id": source, **metadata})
-        except DataError as error:
-            self._failed.add(position)
-            if self.strict:
-                raise
-            self.skipped[error.reason] += 1
-            logger.warning("skipped record [%s] %s", error.reason, error)
-            return None
-
-    def _skip_text(self) -> str:
-        total = sum(self.skipped.values())
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
-        return f"{total} skipped ({reasons})" if total else "0 skipped"
+        messages, metadata = self._messages(self.raw(position), source)
+        messages = self.media.load(self.media.resolve(messages, source), source)  # resolve: refuses paths
+        return sample_from_messages(messages, **{"task": self.task, "id": source, **metadata})
 
 
 class ShardOrder:

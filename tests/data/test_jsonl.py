@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import datakit
 import pytest
 from PIL import Image
 
@@ -19,13 +20,7 @@ from minivlm.data.sample import DataError
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """A dataset folder with two small images, and one image outside it (tmp_path/outside.png)."""
-    folder = tmp_path / "dataset"
-    (folder / "imgs").mkdir(parents=True)
-    Image.new("RGB", (8, 6), (255, 0, 0)).save(folder / "imgs" / "red.png")
-    Image.new("RGB", (8, 6), (0, 0, 255)).save(folder / "imgs" / "blue.png")
-    Image.new("RGB", (8, 6), (0, 255, 0)).save(tmp_path / "outside.png")
-    return folder
+    return datakit.image_folder(tmp_path)
 
 
 def chat(
@@ -52,8 +47,6 @@ def write_jsonl(path: Path, lines: list) -> Path:
     return path
 
 
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 # --- good records ---------------------------------------------------------------------------
@@ -194,7 +187,7 @@ def test_bad_record_is_skipped_counted_and_reported_with_file_and_line_while_ind
         "blue",
     ]  # nothing else lost
     assert dataset.skipped == {reason: 1}
-    assert any(f"{path}:2" in message and reason in message for message in warnings_of(caplog))
+    assert any(f"{path}:2" in message and reason in message for message in datakit.warnings_of(caplog))
     assert f"1 skipped ({reason}: 1)" in dataset.summary()
 
 
@@ -210,7 +203,7 @@ def test_bad_record_is_skipped_counted_and_reported_when_read(case, root, caplog
         assert dataset[1]["answer"] == "blue"  # replaced by the next loadable record
         assert [s["answer"] for s in dataset] == ["red", "blue"]  # nothing else lost
     assert dataset.skipped == {reason: 1}  # counted once, not per access
-    assert sum(f"{path}:2" in message and reason in message for message in warnings_of(caplog)) == 1
+    assert sum(f"{path}:2" in message and reason in message for message in datakit.warnings_of(caplog)) == 1
     assert f"2 usable records, 1 skipped ({reason}: 1)" in dataset.summary()
 
 
@@ -241,7 +234,7 @@ def test_summary_counts_each_reason_and_is_logged_after_a_full_iteration(verify,
     with caplog.at_level(logging.WARNING, logger="minivlm.data.file_dataset"):
         assert len(list(dataset)) == 1
     assert dataset.skipped == {"bad_json": 1, "missing_image": 2, "no_assistant_turn": 1}
-    assert warnings_of(caplog)[-1] == dataset.summary()
+    assert datakit.warnings_of(caplog)[-1] == dataset.summary()
     assert (
         "1 usable records, 4 skipped (bad_json: 1, missing_image: 2, no_assistant_turn: 1)"
         in dataset.summary()
@@ -289,7 +282,7 @@ def test_undecodable_image_is_replaced_by_the_next_record_and_reported(
         assert dataset[1]["answer"] == "blue"
         assert dataset[1]["answer"] == "blue"
     assert dataset.skipped == {"corrupt_image": 1}  # counted once, not per access
-    assert sum(f"{path}:2" in m for m in warnings_of(caplog)) == 1
+    assert sum(f"{path}:2" in m for m in datakit.warnings_of(caplog)) == 1
     assert [s["answer"] for s in dataset] == ["red", "blue"]  # iteration skips it
 
 

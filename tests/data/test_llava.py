@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import datakit
 import pytest
 from PIL import Image
 
@@ -18,17 +19,9 @@ from minivlm.data.sample import DataError
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """A dataset folder with two small images, and one image outside it (tmp_path/outside.png)."""
-    folder = tmp_path / "dataset"
-    (folder / "imgs").mkdir(parents=True)
-    Image.new("RGB", (8, 6), (255, 0, 0)).save(folder / "imgs" / "red.png")
-    Image.new("RGB", (8, 6), (0, 0, 255)).save(folder / "imgs" / "blue.png")
-    Image.new("RGB", (8, 6), (0, 255, 0)).save(tmp_path / "outside.png")
-    return folder
+    return datakit.image_folder(tmp_path)
 
 
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def llava(image="imgs/red.png", human="<image>\nWhat colour is it?", gpt="red", **extra) -> dict:
@@ -113,7 +106,7 @@ def test_llava_bad_records_are_skipped_with_the_line_they_start_on(root, caplog)
         "empty_content": 1,
     }
     for line in starts[1:5]:
-        assert any(f"{path}:{line}:" in m for m in warnings_of(caplog)), line
+        assert any(f"{path}:{line}:" in m for m in datakit.warnings_of(caplog)), line
     with pytest.raises(DataError, match=f"{path}:{starts[1]}: .*placeholders"):
         LlavaJsonDataset(path, strict=True)[1]
     with pytest.raises(DataError, match=f"{path}:{starts[1]}: .*placeholders"):

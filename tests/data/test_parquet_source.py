@@ -9,7 +9,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import shardkit as sk
+import datakit as sk
 
 from minivlm.data import build_dataset
 from minivlm.data.parquet_source import ParquetSource, hf_source

@@ -9,8 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
-import shardkit as sk
+import datakit as sk
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-import shardkit as sk
+import datakit as sk
 
 from minivlm.data import build_dataset
 from minivlm.data.sample import CAPTION_PROMPT, DataError

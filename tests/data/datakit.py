@@ -1,16 +1,33 @@
-"""Small shard files for the sharded-source tests: webdataset tars and parquet tables of
-captioned images (each caption names its shard and record, so tests can see what was read)."""
+"""Helpers of the data-file and shard tests: an image folder, warnings logged, and small shard
+files (webdataset tars of captioned images; each caption names its shard and record, so tests
+can see what was read)."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
 from PIL import Image
 
 COLORS = ("red", "blue", "green", "yellow")
+
+
+def image_folder(tmp_path: Path) -> Path:
+    """A dataset folder with two small images (imgs/red.png, imgs/blue.png), and one image
+    outside it (tmp_path/outside.png)."""
+    folder = tmp_path / "dataset"
+    (folder / "imgs").mkdir(parents=True)
+    Image.new("RGB", (8, 6), (255, 0, 0)).save(folder / "imgs" / "red.png")
+    Image.new("RGB", (8, 6), (0, 0, 255)).save(folder / "imgs" / "blue.png")
+    Image.new("RGB", (8, 6), (0, 255, 0)).save(tmp_path / "outside.png")
+    return folder
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def png(color: str = "red", size: int = 8) -> bytes:
