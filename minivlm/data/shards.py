@@ -30,6 +30,7 @@ Bad records are skipped and counted like the data files' (:mod:`minivlm.data.fil
 from __future__ import annotations
 
 import bisect
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ class ShardedSource(SkippingReader, Dataset, ABC):
         self.require_assistant = require_assistant
         self.media = MediaRoot(None, max_pixels)
         self._init_skips(strict)
-        self._cursor: tuple[int, int, Iterator[Any]] | None = None  # (shard, next offset, records)
+        self._cursor: tuple[int, int, int, Iterator[Any]] | None = None  # (pid, shard, next offset, records)
 
     # ---- format-specific parts -----------------------------------------------------------------
     @abstractmethod
@@ -113,15 +114,17 @@ class ShardedSource(SkippingReader, Dataset, ABC):
     def raw(self, position: int) -> Any:
         """The raw record at ``position`` (sequential reads continue the open shard)."""
         shard, offset = self.locate(position)
-        if self._cursor is None or self._cursor[:2] != (shard, offset):
-            self._cursor = (shard, offset, self._read_shard(shard, offset))
-        records = self._cursor[2]
+        # A forked DataLoader worker inherits the parent's open shard, whose file offset the two
+        # processes would share: it opens its own.
+        if self._cursor is None or self._cursor[:3] != (os.getpid(), shard, offset):
+            self._cursor = (os.getpid(), shard, offset, self._read_shard(shard, offset))
+        records = self._cursor[3]
         try:
             record = next(records)
         except StopIteration:
             raise DataError(f"shard holds fewer than the {self.shards[shard].size} records counted when indexed",
                             reason="truncated_shard", source=self.shards[shard].name) from None
-        self._cursor = (shard, offset + 1, records)
+        self._cursor = (os.getpid(), shard, offset + 1, records)
         return record
 
     def summary(self) -> str:
@@ -186,7 +189,7 @@ class ShardOrder:
         if self.seed is None:
             return np.arange(len(self.sizes))
         if epoch not in self._permutations:
-            if len(self._permutations) > 4:
+            if len(self._permutations) > 64:  # readers drift apart by a few epochs at most
                 self._permutations.clear()
             generator = np.random.default_rng([_SHARD_STREAM, self.seed, epoch])
             self._permutations[epoch] = generator.permutation(len(self.sizes))

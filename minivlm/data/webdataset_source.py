@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,8 @@ from minivlm.data.shards import Shard, ShardedSource
 from minivlm.text.chat import Message
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+#: Files webdataset's tar reader skips (``__key__``-style metadata): not counted as samples either.
+META_FILES = r"__[^/]*__($|/)"
 VIDEO_EXTENSIONS = ("gif", "mp4", "webm")
 
 
@@ -86,7 +89,7 @@ class WebDatasetSource(ShardedSource):
         try:
             with tarfile.open(path, "r:*") as tar:
                 for member in tar:
-                    if not member.isreg():
+                    if not member.isreg() or re.match(META_FILES, member.name):  # as tar_file_iterator skips
                         continue
                     key, _ = base_plus_ext(member.name)
                     if key is not None and key != previous:

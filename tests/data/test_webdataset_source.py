@@ -67,3 +67,19 @@ def test_specs_name_shards_by_braces_glob_or_directory(tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(DataError, match="not a readable tar shard"):
         WebDatasetSource(str(tmp_path / "junk.tar"))
+
+
+def test_a_forked_worker_opens_its_own_shard(tmp_path):
+    import json
+    import os
+
+    source = WebDatasetSource(sk.write_caption_shards(tmp_path, [4]))
+    assert source[0]["answer"] == "s0 r0"  # the parent holds shard 0 open, positioned at record 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker, forked: reads on from the same position
+        os.write(write, json.dumps([source[1]["answer"], source[2]["answer"]]).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert json.loads(os.read(read, 1000)) == ["s0 r1", "s0 r2"]
+    assert source[1]["answer"] == "s0 r1"  # the parent's file position was not moved by the child
