@@ -52,12 +52,24 @@ def write_llava_pretrain(path: Path, n_records: int) -> None:
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
+
+def peak_mb():
+    # VmHWM: this process's own peak resident memory. ru_maxrss is not used: Linux carries it
+    # over fork + exec, so a child of a big process (a pytest worker) would report the parent's.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 kind, path, images = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 t0 = time.perf_counter()
 imported_mb = 0.0
 if kind == "index":
     from minivlm.data.llava import LlavaJsonDataset
-    imported_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    imported_mb = peak_mb()
     t0 = time.perf_counter()  # the import is not the index
     dataset = LlavaJsonDataset(path, image_folder=images)
     count = len(dataset)
@@ -77,7 +89,7 @@ else:
         checked_llava(record["conversations"], [record["image"]], require_assistant=True)
 seconds = time.perf_counter() - t0
 print(json.dumps({"kind": kind, "records": count, "seconds": seconds, "imported_mb": imported_mb,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": peak_mb()}))
 """
 
 
