@@ -379,9 +379,16 @@ def _tiny() -> VLMConfig:
     )
 
 
+#: DataLoader workers per rank in the GPU presets: image decoding and preprocessing run beside the
+#: training process, and a sharded source gets one reader per worker (minivlm/data/shards.py).
+#: ``tiny`` (CPU, 2 cores) keeps 0: workers would share its two cores with training (not measured faster).
+GPU_DATA_WORKERS = 4
+
+
 def _small() -> VLMConfig:
     return VLMConfig(
         name="small",
+        data=DataConfig(num_workers=GPU_DATA_WORKERS),
         encoder=EncoderConfig(image_size=128, patch_size=16, width=384, depth=6, n_heads=6, mlp_dim=1536),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
         decoder=DecoderConfig(vocab_size=8192, width=512, n_layers=6, n_heads=8, n_kv_heads=4, mlp_dim=1376,
@@ -394,6 +401,7 @@ def _nanovlm_460m() -> VLMConfig:
     # pixel-shuffle 4 + bias-free linear (12288 -> 960), SmolLM2-360M decoder. 460,113,984 params.
     return VLMConfig(
         name="nanovlm-460m",
+        data=DataConfig(num_workers=GPU_DATA_WORKERS),
         encoder=EncoderConfig(image_size=512, patch_size=16, width=768, depth=12, n_heads=12, mlp_dim=3072,
                               class_token=False, activation="gelu_tanh", normalization="siglip"),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=4, depth=1, bias=False),
@@ -407,6 +415,7 @@ def _llava_15_7b() -> VLMConfig:
     # LLaVA-1.5-7B (Liu et al. 2023): CLIP ViT-L/14-336 second-to-last layer, mlp2x_gelu, Vicuna-7B.
     return VLMConfig(
         name="llava-1.5-7b",
+        data=DataConfig(num_workers=GPU_DATA_WORKERS),
         encoder=EncoderConfig(image_size=336, patch_size=14, width=1024, depth=24, n_heads=16, mlp_dim=4096,
                               class_token=True, pre_norm=True, patch_bias=False, activation="quick_gelu",
                               pooling="cls", feature_layer=-2, feature_norm=False, norm_eps=1e-5),

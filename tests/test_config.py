@@ -90,3 +90,11 @@ def test_derived_token_counts():
     assert image_seq_len(cfg.override("fusion=cross_attention")) == 1  # one marker per image
     assert image_tokens(cfg.override("projector=resampler", "projector.n_latents=9")) == 9
     assert image_tokens(cfg.override("projector=mlp")) == 64
+
+
+def test_gpu_presets_load_data_in_workers_and_tiny_in_process():
+    from minivlm.config import GPU_DATA_WORKERS
+
+    assert GPU_DATA_WORKERS > 0 and preset("tiny").data.num_workers == 0
+    for name in ("small", "nanovlm-460m", "llava-1.5-7b"):
+        assert preset(name).data.num_workers == GPU_DATA_WORKERS, name

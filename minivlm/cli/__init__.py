@@ -124,18 +124,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Modules of this package that add their own subcommand with ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = (
-    "minivlm.cli.ablate",
-    "minivlm.cli.explain",
-    "minivlm.cli.chat",
-    "minivlm.cli.evaluate",
-    "minivlm.cli.retrieve",
-    "minivlm.cli.import_",
-)
+#: Subcommands that modules of this package add with ``register(subparsers)``: name -> (module, help).
+#: A module is imported only when its command is chosen, since building its parser can be heavy
+#: (``import`` lists the import kinds, which imports torch); ``minivlm --help`` lists them from here.
+COMMAND_MODULES: dict[str, tuple[str, str]] = {
+    "ablate": ("minivlm.cli.ablate", "train and evaluate a grid of config variants under one budget; write tables "
+                                     "and plots"),
+    "explain": ("minivlm.cli.explain", "answer a question about an image and save decoder attention + encoder "
+                                       "rollout maps"),
+    "chat": ("minivlm.cli.chat", "ask a trained model about images or a video (interactive without a question)"),
+    "eval": ("minivlm.cli.evaluate", "score a checkpoint on test data (VQA accuracy, BLEU-4/CIDEr, recall@k)"),
+    "retrieve": ("minivlm.cli.retrieve", "rank images for a text (--text --images) or texts for an image "
+                                         "(--image --texts)"),
+    "import": ("minivlm.cli.import_", "convert a published checkpoint (SmolVLM, LLaVA, nanoVLM, timm, open_clip, "
+                                      "HF Llama) into minivlm"),
+    "export": ("minivlm.cli.import_", "write a minivlm checkpoint back in the Hugging Face layout"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named on a command line: its first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser; only the module of the command chosen in ``argv`` (default:
+    ``sys.argv[1:]``) builds its full subparser, the others are listed by name and help."""
     parser = argparse.ArgumentParser(prog="minivlm", description="A from-scratch modular vision-language model library.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (and debug logging)")
@@ -179,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    chosen = chosen_command(sys.argv[1:] if argv is None else argv)
+    if chosen in COMMAND_MODULES:
+        importlib.import_module(COMMAND_MODULES[chosen][0]).register(sub)
+    for name, (_, help_text) in COMMAND_MODULES.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -188,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and an exit code (:mod:`minivlm.cli.errors`)."""
     from minivlm.cli.errors import run_guarded
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose or args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     return run_guarded(args.command, args.func, args, debug=args.debug)

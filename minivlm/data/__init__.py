@@ -8,17 +8,25 @@ the Hugging Face chat format (see :mod:`minivlm.data.sample`). Build one by name
 * procedural tasks rendered on the fly, deterministic per ``(seed, split, index)``
   (:mod:`minivlm.data.synthetic`): :class:`ShapesDataset`, :class:`ChartsDataset`,
   :class:`MultiImageDataset`, :class:`VideoDataset`, :class:`RetrievalDataset`;
-* user data: :class:`ChatJsonlDataset`, :class:`LlavaJsonDataset` (:mod:`minivlm.data.jsonl`);
+* user data, indexed lazily (:mod:`minivlm.data.file_dataset`): :class:`ChatJsonlDataset`
+  (:mod:`minivlm.data.jsonl`), :class:`LlavaJsonDataset` (:mod:`minivlm.data.llava`),
+  :class:`CocoCaptionsDataset` (:mod:`minivlm.data.coco`);
+* pretraining-scale shards with exact positions (:mod:`minivlm.data.shards`):
+  :class:`WebDatasetSource`, :class:`ParquetSource` and Hugging Face datasets
+  (:mod:`minivlm.data.parquet_source`);
 * :class:`Mixture`: a seeded weighted mixture of any of these (:mod:`minivlm.data.mixture`).
 """
 
 from __future__ import annotations
 
 from minivlm.data.charts import BarChart, ChartsDataset
+from minivlm.data.coco import CocoCaptionsDataset
 from minivlm.data.drawing import COLOR_NAMES, COLORS, SHAPES, Shape, ShapeScene
 from minivlm.data.easy_vqa import EasyVQA, EasyVQAQuestion
-from minivlm.data.jsonl import ChatJsonlDataset, LlavaJsonDataset
+from minivlm.data.jsonl import ChatJsonlDataset
+from minivlm.data.llava import LlavaJsonDataset
 from minivlm.data.mixture import Mixture
+from minivlm.data.parquet_source import ParquetSource
 from minivlm.data.multi_image import MultiImageDataset
 from minivlm.data.registry import (
     DatasetRequest,
@@ -30,8 +38,10 @@ from minivlm.data.registry import (
 from minivlm.data.retrieval import GridScene, RetrievalDataset
 from minivlm.data.sample import DataError, vqa_sample
 from minivlm.data.shapes import ShapesDataset, describe_shapes
+from minivlm.data.shards import ShardedSource
 from minivlm.data.synthetic import SyntheticDataset
 from minivlm.data.video import MovingShape, VideoDataset
+from minivlm.data.webdataset_source import WebDatasetSource
 
 __all__ = [
     "COLORS",
@@ -40,6 +50,7 @@ __all__ = [
     "BarChart",
     "ChartsDataset",
     "ChatJsonlDataset",
+    "CocoCaptionsDataset",
     "DataError",
     "DatasetRequest",
     "EasyVQA",
@@ -49,12 +60,15 @@ __all__ = [
     "Mixture",
     "MovingShape",
     "MultiImageDataset",
+    "ParquetSource",
     "RetrievalDataset",
     "Shape",
     "ShapeScene",
     "ShapesDataset",
+    "ShardedSource",
     "SyntheticDataset",
     "VideoDataset",
+    "WebDatasetSource",
     "available_datasets",
     "build_dataset",
     "describe_shapes",

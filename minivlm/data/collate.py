@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label of positions without loss; equals ``minivlm.text.chat.IGNORE_INDEX`` (PyTorch's
-``cross_entropy`` default). Kept here too so that ``minivlm.data`` does not import ``minivlm.text``."""
+``cross_entropy`` default), kept beside the collators that write it."""
 
 PADDING_SIDES = ("right", "left")
 

@@ -3,14 +3,18 @@
 Spec grammar (comma-separated sources; weights optional but all-or-nothing)::
 
     spec    := source ("," source)*
-    source  := NAME [":" WEIGHT]              e.g. shapes, shapes:0.3
-             | NAME ":" PATH [":" WEIGHT]     for file datasets: jsonl:/data/train.jsonl:0.2
+    source  := NAME [":" WEIGHT]                         e.g. shapes, shapes:0.3
+             | NAME ":" PATH ["?" OPTIONS] [":" WEIGHT]  for file datasets: jsonl:/data/train.jsonl:0.2
+    OPTIONS := KEY "=" VALUE ("&" KEY "=" VALUE)*         e.g. llava:/d/chat.json?images=/d/images
 
 Names are exact registry keys (``shapes`` never matches ``shapes2``). Weights are positive
 numbers, normalised to sum to 1; with no weights every source weighs the same. A single source
 is returned as the dataset itself (wrapped in a :class:`~minivlm.data.mixture.Mixture` only when
-a ``length`` is asked of a fixed-size dataset). File datasets (``jsonl``, ``llava``) are used as
-given for every split. Paths may contain ``:`` but not ``,``.
+a ``length`` is asked of a fixed-size dataset). File datasets (``jsonl``, ``llava``, ``coco``,
+``webdataset``, ``parquet``, ``hf``) are used as given for every split. Paths may contain ``:``
+but not ``,`` or ``?``. Each file dataset names the options it takes (``images``: the folder
+image paths are relative to, for LLaVA, chat JSONL and COCO, whose images live apart from the
+annotations); an unknown option is an error listing them.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from minivlm.data.charts import ChartsDataset
+from minivlm.data.coco import CocoCaptionsDataset
 from minivlm.data.easy_vqa import EasyVQA, EasyVQADialogues
 from minivlm.data.grouped import GroupedQuestions
-from minivlm.data.jsonl import ChatJsonlDataset, LlavaJsonDataset
+from minivlm.data.jsonl import ChatJsonlDataset
+from minivlm.data.llava import LlavaJsonDataset
 from minivlm.data.mixture import Mixture, check_weight
 from minivlm.data.multi_image import MultiImageDataset
 from minivlm.data.retrieval import RetrievalDataset
@@ -44,6 +50,10 @@ class DatasetRequest:
     length: int | None = None
     path: str | None = None
     strict: bool = False  # file datasets: the first bad record raises instead of being skipped
+    options: tuple[tuple[str, str], ...] = ()  # file datasets: the spec's ?key=value pairs
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(key, default)
 
 
 DatasetFactory = Callable[[DatasetRequest], Dataset]
@@ -53,13 +63,16 @@ DatasetFactory = Callable[[DatasetRequest], Dataset]
 class _Entry:
     factory: DatasetFactory
     takes_path: bool
+    options: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, factory: DatasetFactory, *, takes_path: bool = False) -> None:
-    """Make ``name`` usable in specs. ``takes_path``: the spec gives a file (``name:PATH``).
+def register_dataset(name: str, factory: DatasetFactory, *, takes_path: bool = False,
+                     options: tuple[str, ...] = ()) -> None:
+    """Make ``name`` usable in specs. ``takes_path``: the spec gives a file (``name:PATH``);
+    ``options``: the ``?key=value`` options it accepts after the path.
 
     Raises:
         ValueError: ``name`` is taken, or is not a plain identifier (it must parse in a spec).
@@ -68,7 +81,7 @@ def register_dataset(name: str, factory: DatasetFactory, *, takes_path: bool = F
         raise ValueError(f"dataset names must be identifiers (letters, digits, _), got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"dataset {name!r} is already registered")
-    _REGISTRY[name] = _Entry(factory, takes_path)
+    _REGISTRY[name] = _Entry(factory, takes_path, tuple(options))
 
 
 def available_datasets() -> list[str]:
@@ -82,11 +95,16 @@ class SourceSpec:
     name: str
     weight: float | None
     path: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
-        """Unique name of the source inside a mixture (file sources include their path)."""
-        return f"{self.name}:{self.path}" if self.path is not None else self.name
+        """Unique name of the source inside a mixture (file sources include their path and
+        options); parses back to the same source."""
+        if self.path is None:
+            return self.name
+        query = "&".join(f"{key}={value}" for key, value in self.options)
+        return f"{self.name}:{self.path}" + (f"?{query}" if query else "")
 
 
 def parse_spec(spec: str) -> list[SourceSpec]:
@@ -129,11 +147,26 @@ def _parse_source(part: str, spec: str) -> SourceSpec:
     head, _, tail = rest.rpartition(":")
     if head and _looks_numeric(tail):
         path, weight = head, _parse_weight(name, tail)
+    path, _, query = path.partition("?")
     if not path:
         raise ValueError(
             f"dataset {name!r} needs a file: write {name}:PATH or {name}:PATH:WEIGHT, got {part!r}"
         )
-    return SourceSpec(name, weight, path)
+    return SourceSpec(name, weight, path, _parse_options(name, query, entry.options) if query else ())
+
+
+def _parse_options(name: str, query: str, accepted: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    options = []
+    for pair in query.split("&"):
+        key, equals, value = pair.partition("=")
+        if not equals or not key or not value:
+            raise ValueError(f"options of {name!r} are KEY=VALUE pairs joined by '&', got {pair!r}")
+        if key not in accepted:
+            raise ValueError(f"dataset {name!r} has no option {key!r}; it takes: {', '.join(accepted) or 'none'}")
+        if key in dict(options):
+            raise ValueError(f"option {key!r} of {name!r} given twice")
+        options.append((key, value))
+    return tuple(options)
 
 
 def _looks_numeric(text: str) -> bool:
@@ -183,7 +216,7 @@ def build_dataset(
 def _build_source(
     source: SourceSpec, split: str, seed: int, image_size: int, length: int | None, strict: bool = False
 ) -> Dataset:
-    request = DatasetRequest(split, seed, image_size, length, source.path, strict)
+    request = DatasetRequest(split, seed, image_size, length, source.path, strict, source.options)
     return _REGISTRY[source.name].factory(request)
 
 
@@ -207,5 +240,48 @@ register_dataset("video", _synthetic(VideoDataset))
 register_dataset("retrieval", _synthetic(RetrievalDataset))
 for _task in (ShapesDataset, ChartsDataset, MultiImageDataset):
     register_dataset(f"{_task.task}_grouped", lambda request, task=_task: GroupedQuestions(_synthetic(task)(request)))
-register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path, strict=request.strict), takes_path=True)
-register_dataset("llava", lambda request: LlavaJsonDataset(request.path, strict=request.strict), takes_path=True)
+# data.strict checks every record before training (verify): the first bad one stops the run at once.
+register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path, image_root=request.option("images"),
+                                                           strict=request.strict, verify=request.strict),
+                 takes_path=True, options=("images",))
+register_dataset("llava", lambda request: LlavaJsonDataset(request.path, image_folder=request.option("images"),
+                                                           strict=request.strict, verify=request.strict),
+                 takes_path=True, options=("images",))
+register_dataset("coco", lambda request: CocoCaptionsDataset(request.path, image_folder=request.option("images"),
+                                                            strict=request.strict, verify=request.strict),
+                 takes_path=True, options=("images",))
+
+
+# Sharded sources (minivlm.data.shards) read their shards lazily; their libraries load on first use.
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{extra}: data needs the {module!r} package: pip install 'minivlm[{extra}]'")
+
+
+def _webdataset(request: DatasetRequest) -> Dataset:
+    _require("webdataset", "webdataset")
+    from minivlm.data.webdataset_source import WebDatasetSource
+
+    return WebDatasetSource(request.path, strict=request.strict)
+
+
+def _parquet(request: DatasetRequest) -> Dataset:
+    _require("pyarrow", "hf")
+    from minivlm.data.parquet_source import ParquetSource
+
+    return ParquetSource(request.path, strict=request.strict)
+
+
+def _hf(request: DatasetRequest) -> Dataset:
+    _require("datasets", "hf")
+    from minivlm.data.parquet_source import hf_source
+
+    return hf_source(request.path, split=request.option("split", "train"), config=request.option("config"),
+                     strict=request.strict)
+
+
+register_dataset("webdataset", _webdataset, takes_path=True)
+register_dataset("parquet", _parquet, takes_path=True)
+register_dataset("hf", _hf, takes_path=True, options=("split", "config"))

@@ -18,19 +18,22 @@ A **sample** is a plain ``dict`` in the Hugging Face chat format (the layout of
     }
 
 An optional ``system`` message may come first. Videos are ``{"type": "video", "video": [frames]}``
-with a list of PIL frames. Datasets may add task-specific keys (``"scene"``, ``"caption"``,
+with a list of PIL frames (or, from data files, the path of a video file or frame folder that the
+processor samples). The conversation format itself (roles, items, LLaVA placeholders, what is
+valid) is owned by :mod:`minivlm.text.chat`; :func:`checked_messages` applies it to records. Datasets may add task-specific keys (``"scene"``, ``"caption"``,
 ``"image"``); consumers must ignore keys they do not know.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from PIL import Image
 
-ROLES = ("system", "user", "assistant")
-CONTENT_TYPES = ("text", "image", "video")
+from minivlm.text.chat import (ChatFormatError, Message, from_llava, normalize_messages, to_hf_messages,
+                               validate_conversation)
 
 
 class DataError(ValueError):
@@ -109,95 +112,57 @@ def last_assistant_text(messages: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def normalise_messages(
-    messages: Any, *, require_assistant: bool, source: str = ""
-) -> list[dict[str, Any]]:
-    """Check a decoded chat ``messages`` list and return it with every content as a list of items.
-
-    A string ``content`` (allowed by the HF chat format) becomes ``[{"type": "text", ...}]``.
-    Media items are kept as they are (their ``image`` / ``video`` values are left for the caller
-    to resolve), but must carry a value.
+def checked_messages(messages: Any, *, require_assistant: bool, source: str = "") -> list[Message]:
+    """Validate a record's Hugging Face chat ``messages`` with the conversation layer
+    (:func:`minivlm.text.chat.normalize_messages`): the rules the processor renders by, plus a
+    user turn, no blank turns and (``require_assistant``) an answer, as training data needs.
 
     Raises:
-        DataError: with ``reason`` one of ``bad_format`` (not a list of message dicts, an item
-            that is not a dict or lacks its value), ``unknown_role``, ``unknown_content_type``,
-            ``empty_content`` (no items, or only blank text), ``no_assistant_turn``.
+        DataError: with the :class:`~minivlm.text.chat.ChatFormatError`'s ``reason``
+            (``bad_format``, ``unknown_role``, ``unknown_content_type``, ``empty_content``,
+            ``media_not_allowed``, ``no_user_turn``, ``no_assistant_turn``, ...) and ``source``.
     """
-    if not isinstance(messages, list) or not messages:
-        raise DataError(
-            f"'messages' must be a non-empty list, got {_describe(messages)}",
-            reason="bad_format",
-            source=source,
-        )
-    normalised = []
-    for position, message in enumerate(messages):
-        where = f"message {position}"
-        if not isinstance(message, dict):
-            raise DataError(
-                f"{where} must be a dict, got {_describe(message)}",
-                reason="bad_format",
-                source=source,
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            raise DataError(
-                f"{where} has role {role!r}; expected one of {ROLES}",
-                reason="unknown_role",
-                source=source,
-            )
-        content = message.get("content")
-        if isinstance(content, str):
-            content = [text_item(content)]
-        if not isinstance(content, list):
-            raise DataError(
-                f"{where} ({role}) content must be a string or a list of items, got "
-                f"{_describe(content)}",
-                reason="bad_format",
-                source=source,
-            )
-        items = [_check_item(item, f"{where} ({role})", source) for item in content]
-        if not any(item["type"] != "text" or item["text"].strip() for item in items):
-            raise DataError(
-                f"{where} ({role}) has empty content", reason="empty_content", source=source
-            )
-        normalised.append({**message, "content": items})
-    if require_assistant and not any(m["role"] == "assistant" for m in normalised):
-        raise DataError(
-            "a training sample needs at least one assistant message, found roles "
-            f"{[m['role'] for m in normalised]}",
-            reason="no_assistant_turn",
-            source=source,
-        )
-    return normalised
+    with _as_data_error(source):
+        normalized = normalize_messages(messages, blank_is_empty=True)
+        validate_conversation(normalized, for_training=require_assistant, require_user=True)
+    return normalized
 
 
-def _check_item(item: Any, where: str, source: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise DataError(
-            f"{where}: content item must be a dict, got {_describe(item)}",
-            reason="bad_format",
-            source=source,
-        )
-    kind = item.get("type")
-    if kind not in CONTENT_TYPES:
-        raise DataError(
-            f"{where}: content item type {kind!r}; expected one of {CONTENT_TYPES}",
-            reason="unknown_content_type",
-            source=source,
-        )
-    if kind == "text" and not isinstance(item.get("text"), str):
-        raise DataError(
-            f"{where}: text item needs a string 'text', got {_describe(item.get('text'))}",
-            reason="bad_format",
-            source=source,
-        )
-    if kind != "text" and item.get(kind) in (None, "", []):
-        raise DataError(
-            f"{where}: {kind} item has no {kind!r} value", reason="bad_format", source=source
-        )
-    return item
+def checked_llava(conversations: Any, images: list[Any], videos: list[Any] = (), *, require_assistant: bool,
+                  source: str = "") -> list[Message]:
+    """:func:`checked_messages` for LLaVA ``conversations`` (:func:`minivlm.text.chat.from_llava`);
+    a placeholder count that disagrees with the media is ``image_count_mismatch``."""
+    with _as_data_error(source):
+        normalized = from_llava(conversations, images, videos, blank_is_empty=True)
+        validate_conversation(normalized, for_training=require_assistant, require_user=True)
+    return normalized
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+#: The captioning prompt of converted caption data (COCO, webdataset ``txt``, parquet ``caption``),
+#: the one :mod:`minivlm.data.shapes` asks.
+CAPTION_PROMPT = "Describe the image."
+
+
+def caption_messages(image: Any, caption: str, require_assistant: bool = True, source: str = "") -> list[Message]:
+    """A checked captioning conversation: ``image`` and :data:`CAPTION_PROMPT`, answered by ``caption``."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": CAPTION_PROMPT}]},
+                {"role": "assistant", "content": caption}]
+    return checked_messages(messages, require_assistant=require_assistant, source=source)
+
+
+def sample_from_messages(messages: list[Message], **metadata: Any) -> dict[str, Any]:
+    """A sample dict (module docstring) of decoded ``messages``, with its ``answer``."""
+    hf_messages = to_hf_messages(messages)
+    sample: dict[str, Any] = {"messages": hf_messages, **metadata}
+    answer = last_assistant_text(hf_messages)
+    if answer is not None:
+        sample["answer"] = answer
+    return sample
+
+
+@contextmanager
+def _as_data_error(source: str) -> Iterator[None]:
+    try:
+        yield
+    except ChatFormatError as error:
+        raise DataError(str(error), reason=error.reason, source=source) from error

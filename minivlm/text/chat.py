@@ -17,7 +17,13 @@
   the ``<image>`` (and ``<video>``) placeholders. A newline right next to a placeholder only
   separates it and is dropped, so ``"<image>\\nWhat"`` equals the HF content
   ``[image, {"text": "What"}]`` and LLaVA files mix with HF-format datasets (the same rule as
-  :func:`minivlm.data.jsonl.llava_to_messages`).
+  Hugging Face chat dicts).
+
+This module is the one owner of the conversation format: the processor renders what it
+returns, and the data files (:mod:`minivlm.data.jsonl`, :mod:`minivlm.data.llava`, the shard
+sources) validate their records with it, turning a :class:`ChatFormatError` into a counted
+skip under the error's :attr:`~ChatFormatError.reason`. :func:`to_hf_messages` turns the
+normalised messages back into the Hugging Face dicts that samples carry.
 
 **Template** (ChatML, as in Qwen and SmolLM; content parts are concatenated with no separator)::
 
@@ -71,25 +77,48 @@ from minivlm.vision import format_timestamp
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-LLAVA_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "system"}
+#: LLaVA speaker names (and the plain role names some converted sets use) -> roles.
+LLAVA_ROLES: dict[str, str] = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
+                               "assistant": "assistant"}
 MEDIA_KEYS: tuple[str, ...] = ("url", "path")
 
 
 # ---- errors -----------------------------------------------------------------------------------
 class ChatFormatError(ValueError):
-    """A conversation does not follow the expected structure."""
+    """A conversation does not follow the expected structure.
+
+    Attributes:
+        reason: short category under which data files count a skipped record (``bad_format``,
+            ``unknown_role``, ...); each subclass has its own, a raise may name a finer one.
+    """
+
+    reason = "bad_format"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the reason across DataLoader worker processes
+        return type(self), (str(self), self.reason)
 
 
 class UnknownRoleError(ChatFormatError):
-    """A message role other than system/user/assistant (or human/gpt/system for LLaVA)."""
+    """A message role other than system/user/assistant (or human/gpt/system for LLaVA), or none."""
+
+    reason = "unknown_role"
 
 
 class EmptyContentError(ChatFormatError):
-    """A message with no text and no media."""
+    """A message with no media and no text but whitespace."""
+
+    reason = "empty_content"
 
 
 class UnknownContentTypeError(ChatFormatError):
     """A content item whose ``type`` is not text/image/video."""
+
+    reason = "unknown_content_type"
 
 
 class MissingMediaError(ChatFormatError):
@@ -100,18 +129,26 @@ class MediaNotAllowedError(ChatFormatError):
     """An image or video in a system or assistant message: the model reads images, it does not
     write them, and a supervised turn cannot contain unsupervised image placeholders."""
 
+    reason = "media_not_allowed"
+
 
 class MissingAssistantTurnError(ChatFormatError):
     """A training sample without an assistant answer would contribute no loss."""
+
+    reason = "no_assistant_turn"
 
 
 class MissingUserTurnError(ChatFormatError):
     """A conversation rendered without any user message: there is nothing to answer."""
 
+    reason = "no_user_turn"
+
 
 class TextEncodingError(ChatFormatError):
     """Text that is not valid Unicode, e.g. a Latin-1 byte read as UTF-8 with ``surrogateescape``
     (how Python decodes a command-line argument or stdin line that is not UTF-8)."""
+
+    reason = "bad_encoding"
 
 
 # ---- normalised representation --------------------------------------------------------------
@@ -154,25 +191,32 @@ class Message:
 
 
 # ---- input formats ----------------------------------------------------------------------------
-def normalize_messages(messages: Sequence[Mapping[str, Any] | Message]) -> list[Message]:
+def normalize_messages(messages: Sequence[Mapping[str, Any] | Message], *,
+                       blank_is_empty: bool = False) -> list[Message]:
     """Hugging Face chat messages (or already normalised :class:`Message` objects) -> messages.
+
+    ``blank_is_empty``: a message whose only text is whitespace counts as empty (training data:
+    a blank answer teaches nothing); rendering keeps such text as written.
 
     Raises :class:`ChatFormatError` subclasses for malformed input; see
     :func:`validate_conversation` for the rules about roles and media.
     """
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise ChatFormatError(f"a conversation must be a list of messages; got {type(messages).__name__}")
-    normalized = [m if isinstance(m, Message) else _normalize_hf_message(m, i) for i, m in enumerate(messages)]
+        raise ChatFormatError(f"'messages' must be a non-empty list of messages (a conversation); got "
+                              f"{type(messages).__name__}")
+    normalized = [m if isinstance(m, Message) else _normalize_hf_message(m, i, blank_is_empty)
+                  for i, m in enumerate(messages)]
     validate_conversation(normalized)
     return normalized
 
 
-def _normalize_hf_message(message: Any, index: int) -> Message:
+def _normalize_hf_message(message: Any, index: int, blank_is_empty: bool = False) -> Message:
     where = f"message #{index}"
     if not isinstance(message, Mapping):
         raise ChatFormatError(f"{where} must be a dict with 'role' and 'content'; got {type(message).__name__}")
     if "role" not in message or "content" not in message:
-        raise ChatFormatError(f"{where} must have 'role' and 'content' keys; got keys {sorted(message)}")
+        error = UnknownRoleError if "role" not in message else ChatFormatError
+        raise error(f"{where} must have 'role' and 'content' keys; got keys {sorted(message)}")
     role = message["role"]
     if role not in ROLES:
         raise UnknownRoleError(f"{where} has role {role!r}; expected one of {ROLES}")
@@ -185,9 +229,14 @@ def _normalize_hf_message(message: Any, index: int) -> Message:
         raise ChatFormatError(f"{where} content must be a str or a list of items; got {type(content).__name__}")
     # Empty text items add nothing; a message made only of them is empty.
     parts = [p for p in parts if not (isinstance(p, TextPart) and not p.text)]
-    if not parts:
+    if _is_empty(parts, blank_is_empty):
         raise EmptyContentError(f"{where} ({role}) has empty content")
     return Message(role=role, parts=tuple(parts))
+
+
+def _is_empty(parts: Sequence[Part], blank_is_empty: bool) -> bool:
+    """No media and no text (with ``blank_is_empty``: no text but whitespace)."""
+    return not any(not isinstance(p, TextPart) or (p.text.strip() if blank_is_empty else p.text) for p in parts)
 
 
 def _normalize_hf_item(item: Any, where: str) -> Part:
@@ -224,6 +273,8 @@ def from_llava(
     conversation: Sequence[Mapping[str, Any]],
     images: Sequence[Any] = (),
     videos: Sequence[Any] = (),
+    *,
+    blank_is_empty: bool = False,
 ) -> list[Message]:
     """LLaVA conversation JSON -> messages.
 
@@ -232,6 +283,7 @@ def from_llava(
     used exactly once. A single path may be passed as ``images`` like LLaVA's ``"image"`` field.
     As in LLaVA's own loader, one image with no ``<image>`` anywhere goes before the first user
     text. One ``"\\n"`` directly before or after a placeholder is dropped (module docstring).
+    ``blank_is_empty`` as in :func:`normalize_messages`.
     """
     if isinstance(images, (str, os.PathLike)):
         images = [images]
@@ -267,7 +319,8 @@ def from_llava(
                 if used[chunk] == len(queues[chunk]):
                     raise MissingMediaError(
                         f"{where} has {chunk} placeholder number {used[chunk] + 1} but only "
-                        f"{len(queues[chunk])} {_media_kind(chunk)} were given"
+                        f"{len(queues[chunk])} {_media_kind(chunk)} were given for its placeholders",
+                        reason=f"{_media_kind(chunk)[:-1]}_count_mismatch",
                     )
                 source = queues[chunk][used[chunk]]
                 used[chunk] += 1
@@ -279,14 +332,14 @@ def from_llava(
                 chunk = chunk.removesuffix("\n")
             if chunk:
                 parts.append(TextPart(chunk))
-        if not parts:
+        if _is_empty(parts, blank_is_empty):
             raise EmptyContentError(f"{where} ({role}) has empty content")
         messages.append(Message(role=role, parts=tuple(parts)))
     for token, queue in queues.items():
         if used[token] != len(queue):
             raise ChatFormatError(
                 f"{len(queue)} {_media_kind(token)} were given but the conversation has only {used[token]} "
-                f"{token} placeholders"
+                f"{token} placeholders", reason=f"{_media_kind(token)[:-1]}_count_mismatch"
             )
     validate_conversation(messages)
     return messages
@@ -322,7 +375,7 @@ def validate_conversation(messages: Sequence[Message], *, for_training: bool = F
     * with ``for_training``, at least one assistant message (:class:`MissingAssistantTurnError`).
     """
     if not messages:
-        raise EmptyContentError("the conversation has no messages")
+        raise EmptyContentError("the conversation has no messages", reason="bad_format")
     for index, message in enumerate(messages):
         for part in message.parts:
             if isinstance(part, TextPart):
@@ -360,6 +413,23 @@ def check_text_encoding(text: str, where: str) -> None:
                 else f"the lone surrogate U+{char:04X}")
         raise TextEncodingError(f"{where} text has {what} at character {err.start} "
                                 f"({text[max(0, err.start - 20):err.start]!r} before it); expected UTF-8 text") from None
+
+
+def to_hf_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Normalised messages -> Hugging Face chat dicts, every content a list of items (the inverse
+    of :func:`normalize_messages`: ``normalize_messages(to_hf_messages(m)) == m``)."""
+    return [{"role": m.role, "content": [_hf_item(part) for part in m.parts]} for m in messages]
+
+
+def _hf_item(part: Part) -> dict[str, Any]:
+    if isinstance(part, TextPart):
+        return {"type": "text", "text": part.text}
+    if isinstance(part, ImagePart):
+        return {"type": "image", "image": part.image}
+    item = {"type": "video", "video": part.video}
+    if part.fps is not None:
+        item["fps"] = part.fps
+    return item
 
 
 # ---- template (ChatML) -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from minivlm.data.collate import Packer, merge_shared_prefix, pad_collate
+from minivlm.data.shards import ShardedSource, ShardStepSampler
 from minivlm.text.processor import MediaCache, Processor, SampleSkipped
 from minivlm.train.loss_weighting import sample_loss_weight
 
@@ -189,6 +190,33 @@ class CurriculumSampler(StepSampler):
         phase = bisect.bisect_right(self.switches, step)
         begin = self.switches[phase - 1] if phase else 0
         return [self.offsets[phase] + i for i in self.streams[phase].indices(step - begin, micro)]
+
+# ---- streaming hook: sharded sources bring their own reading order --------------------------------
+class ShardSampler(StepSampler):
+    """The step sampler of a sharded source (:mod:`minivlm.data.shards`): each (rank, DataLoader
+    worker) reads shards of its own, front to back, and every index is still a pure function of
+    the step (the same world size and ``workers`` resume exactly)."""
+
+    def __init__(self, source: ShardedSource, micro_batch: int, grad_accum: int, world_size: int = 1, rank: int = 0,
+                 workers: int = 0, start_step: int = 0, total_steps: int | None = None, seed: int | None = 0):
+        order = source.order(world_size * max(1, workers), seed)
+        self.shards = ShardStepSampler(order, micro_batch, grad_accum, world_size, rank, workers, start_step, total_steps)
+        self.mb, self.accum, self.world, self.rank = micro_batch, grad_accum, world_size, rank
+        self.start, self.total = start_step, total_steps
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        return self.shards.indices(step, micro)
+
+
+def step_sampler(dataset: Dataset, micro_batch: int, grad_accum: int, world_size: int = 1, rank: int = 0, *,
+                 workers: int = 0, start_step: int = 0, total_steps: int | None = None,
+                 seed: int | None = 0) -> StepSampler:
+    """The step sampler that reads ``dataset``: :class:`ShardSampler` for a sharded source,
+    :class:`StepBatchSampler` (global per-epoch permutations) for everything else."""
+    if isinstance(dataset, ShardedSource):
+        return ShardSampler(dataset, micro_batch, grad_accum, world_size, rank, workers, start_step, total_steps, seed)
+    return StepBatchSampler(len(dataset), micro_batch, grad_accum, world_size, rank, start_step, total_steps, seed)
+
 
 class TrainCollator:
     """Drops skipped samples (counting why), weights their tokens (``loss_weighting``, see

@@ -42,9 +42,10 @@ from minivlm.train.data import (
     RenderedDataset,
     RenderedGroup,
     Skipped,
-    StepBatchSampler,
+    StepSampler,
     TrainCollator,
     make_loader,
+    step_sampler,
     supervised_tokens,
     supervised_weight,
     to_device,
@@ -391,17 +392,18 @@ class Trainer:
         """This rank's step sampler from the current step on, and the dataset it indexes."""
         t = self.tcfg
 
-        def stream(n: int, start: int, total: int | None) -> StepBatchSampler:
-            return StepBatchSampler(n, t.batch_size, t.grad_accum, self.dist.world_size, self.dist.rank,
-                                    start_step=start, total_steps=total, seed=self.data_seed)
+        def stream(data: Dataset, start: int, total: int | None) -> StepSampler:
+            return step_sampler(data, t.batch_size, t.grad_accum, self.dist.world_size, self.dist.rank,
+                                workers=self.cfg.data.num_workers, start_step=start, total_steps=total,
+                                seed=self.data_seed)
 
         if not self.curriculum:
-            return stream(len(self.dataset), self.step, self.total_steps), self.dataset
+            return stream(self.dataset, self.step, self.total_steps), self.dataset
         datasets = [*self.curriculum, self.dataset]
         offsets = [0]
         for dataset in datasets[:-1]:
             offsets.append(offsets[-1] + len(dataset))
-        sampler = CurriculumSampler([stream(len(d), 0, None) for d in datasets], self.curriculum_switches, offsets,
+        sampler = CurriculumSampler([stream(d, 0, None) for d in datasets], self.curriculum_switches, offsets,
                                     start_step=self.step, total_steps=self.total_steps)
         return sampler, ConcatDataset(datasets)
 

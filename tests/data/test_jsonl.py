@@ -1,5 +1,6 @@
-"""Chat JSONL and LLaVA JSON: good records load lazily; every kind of bad record is skipped,
-counted and reported with its file and line, or raised with ``strict=True``."""
+"""Chat JSONL: good records load lazily; every kind of bad record is skipped, counted and
+reported with its file and line when read (or while indexing with ``verify=True``), or raised
+with ``strict=True``."""
 
 from __future__ import annotations
 
@@ -9,29 +10,17 @@ import os
 from pathlib import Path
 
 import numpy as np
+import datakit
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
-from minivlm.data.jsonl import (
-    ChatJsonlDataset,
-    LlavaJsonDataset,
-    iter_json_array,
-    llava_to_messages,
-)
+from minivlm.data.jsonl import ChatJsonlDataset
 from minivlm.data.sample import DataError
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """A dataset folder with two small images, and one image outside it (tmp_path/outside.png)."""
-    folder = tmp_path / "dataset"
-    (folder / "imgs").mkdir(parents=True)
-    Image.new("RGB", (8, 6), (255, 0, 0)).save(folder / "imgs" / "red.png")
-    Image.new("RGB", (8, 6), (0, 0, 255)).save(folder / "imgs" / "blue.png")
-    Image.new("RGB", (8, 6), (0, 255, 0)).save(tmp_path / "outside.png")
-    return folder
+    return datakit.image_folder(tmp_path)
 
 
 def chat(
@@ -58,8 +47,6 @@ def write_jsonl(path: Path, lines: list) -> Path:
     return path
 
 
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
 # --- good records ---------------------------------------------------------------------------
@@ -137,7 +124,7 @@ def test_images_are_loaded_lazily(root):
     assert dataset[0]["messages"][0]["content"][0]["image"].getpixel((0, 0)) == (0, 0, 0)
 
 
-# --- bad records found while indexing ---------------------------------------------------------
+# --- bad records: found when read (lazy, the default) or while indexing (verify=True) ------------
 
 
 def _record_with(**changes):
@@ -188,48 +175,66 @@ BAD_RECORDS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_bad_record_is_skipped_counted_and_reported_with_file_and_line(case, root, caplog):
+def test_bad_record_is_skipped_counted_and_reported_with_file_and_line_while_indexing(case, root, caplog):
     reason, build = BAD_RECORDS[case]
     path = write_jsonl(
         root / "data.jsonl", [chat(), build(root), chat("imgs/blue.png", answer="blue")]
     )
     with caplog.at_level(logging.WARNING):
-        dataset = ChatJsonlDataset(path)
+        dataset = ChatJsonlDataset(path, verify=True)
     assert len(dataset) == 2 and [s["answer"] for s in dataset] == [
         "red",
         "blue",
     ]  # nothing else lost
     assert dataset.skipped == {reason: 1}
-    assert any(f"{path}:2" in message and reason in message for message in warnings_of(caplog))
+    assert any(f"{path}:2" in message and reason in message for message in datakit.warnings_of(caplog))
     assert f"1 skipped ({reason}: 1)" in dataset.summary()
 
 
 @pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_bad_record_raises_in_strict_mode_naming_file_and_line(case, root):
+def test_bad_record_is_skipped_counted_and_reported_when_read(case, root, caplog):
+    reason, build = BAD_RECORDS[case]
+    path = write_jsonl(
+        root / "data.jsonl", [chat(), build(root), chat("imgs/blue.png", answer="blue")]
+    )
+    dataset = ChatJsonlDataset(path)
+    assert len(dataset) == 3 and not dataset.skipped  # indexed, not yet read
+    with caplog.at_level(logging.WARNING):
+        assert dataset[1]["answer"] == "blue"  # replaced by the next loadable record
+        assert [s["answer"] for s in dataset] == ["red", "blue"]  # nothing else lost
+    assert dataset.skipped == {reason: 1}  # counted once, not per access
+    assert sum(f"{path}:2" in message and reason in message for message in datakit.warnings_of(caplog)) == 1
+    assert f"2 usable records, 1 skipped ({reason}: 1)" in dataset.summary()
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+@pytest.mark.parametrize("verify", [True, False])
+def test_bad_record_raises_in_strict_mode_naming_file_and_line(case, verify, root):
     reason, build = BAD_RECORDS[case]
     path = write_jsonl(root / "data.jsonl", [chat(), build(root)])
     with pytest.raises(DataError, match=rf"^{path}:2: ") as raised:
-        ChatJsonlDataset(path, strict=True)
+        ChatJsonlDataset(path, strict=True, verify=verify)[1]
     assert raised.value.reason == reason and raised.value.source == f"{path}:2"
 
 
 def test_nothing_outside_the_root_is_opened(root, monkeypatch):
     opened = []
-    import minivlm.data.jsonl as jsonl_module
+    import minivlm.data.media as media_module
 
-    monkeypatch.setattr(jsonl_module, "load_image", lambda path, **kw: opened.append(path))
+    monkeypatch.setattr(media_module, "load_image", lambda path, **kw: opened.append(path))
     dataset = ChatJsonlDataset(write_jsonl(root / "d.jsonl", [chat("../outside.png"), chat()]))
     dataset[0]
     assert opened == [(root / "imgs" / "red.png").resolve()]
 
 
-def test_summary_counts_each_reason_and_is_logged_after_a_full_iteration(root, caplog):
+@pytest.mark.parametrize("verify", [True, False])
+def test_summary_counts_each_reason_and_is_logged_after_a_full_iteration(verify, root, caplog):
     lines = [chat(), "{oops", chat("imgs/nope.png"), chat("imgs/nope2.png"), chat(answer=None)]
-    dataset = ChatJsonlDataset(write_jsonl(root / "mixed.jsonl", lines))
-    assert dataset.skipped == {"bad_json": 1, "missing_image": 2, "no_assistant_turn": 1}
-    with caplog.at_level(logging.WARNING, logger="minivlm.data.jsonl"):
+    dataset = ChatJsonlDataset(write_jsonl(root / "mixed.jsonl", lines), verify=verify)
+    with caplog.at_level(logging.WARNING, logger="minivlm.data.file_dataset"):
         assert len(list(dataset)) == 1
-    assert warnings_of(caplog)[-1] == dataset.summary()
+    assert dataset.skipped == {"bad_json": 1, "missing_image": 2, "no_assistant_turn": 1}
+    assert datakit.warnings_of(caplog)[-1] == dataset.summary()
     assert (
         "1 usable records, 4 skipped (bad_json: 1, missing_image: 2, no_assistant_turn: 1)"
         in dataset.summary()
@@ -237,8 +242,13 @@ def test_summary_counts_each_reason_and_is_logged_after_a_full_iteration(root, c
 
 
 def test_a_file_with_no_usable_record_is_an_error(root):
+    path = write_jsonl(root / "bad.jsonl", ["{", chat(answer=None)])
     with pytest.raises(DataError, match="no usable records"):
-        ChatJsonlDataset(write_jsonl(root / "bad.jsonl", ["{", chat(answer=None)]))
+        ChatJsonlDataset(path, verify=True)
+    with pytest.raises(DataError, match=r"every record failed to load \(2 skipped"):
+        ChatJsonlDataset(path)[0]
+    with pytest.raises(DataError, match="no usable records"):
+        ChatJsonlDataset(write_jsonl(root / "empty.jsonl", ["", "  "]))
 
 
 def test_missing_file_is_an_error(root):
@@ -272,7 +282,7 @@ def test_undecodable_image_is_replaced_by_the_next_record_and_reported(
         assert dataset[1]["answer"] == "blue"
         assert dataset[1]["answer"] == "blue"
     assert dataset.skipped == {"corrupt_image": 1}  # counted once, not per access
-    assert sum(f"{path}:2" in m for m in warnings_of(caplog)) == 1
+    assert sum(f"{path}:2" in m for m in datakit.warnings_of(caplog)) == 1
     assert [s["answer"] for s in dataset] == ["red", "blue"]  # iteration skips it
 
 
@@ -291,6 +301,7 @@ def test_verify_images_finds_broken_files_while_indexing(root, broken_images):
     )
     dataset = ChatJsonlDataset(path, verify_images=True)
     assert len(dataset) == 1 and dataset.skipped == {"corrupt_image": 2}
+    assert dataset[0]["answer"] == "red"
     with pytest.raises(DataError, match=f"{path}:2"):
         ChatJsonlDataset(path, verify_images=True, strict=True)
 
@@ -299,149 +310,3 @@ def test_images_over_max_pixels_are_refused(root):
     dataset = ChatJsonlDataset(write_jsonl(root / "d.jsonl", [chat()]), max_pixels=10, strict=True)
     with pytest.raises(DataError, match="max_pixels"):
         dataset[0]
-
-
-# --- LLaVA JSON ---------------------------------------------------------------------------------
-
-
-def llava(image="imgs/red.png", human="<image>\nWhat colour is it?", gpt="red", **extra) -> dict:
-    record = {
-        "id": "r",
-        "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
-        **extra,
-    }
-    if image is not None:
-        record["image"] = image
-    return record
-
-
-def write_llava(path: Path, records: list[dict]) -> Path:
-    path.write_text(json.dumps(records, indent=2))
-    return path
-
-
-def test_llava_records_become_chat_samples(root):
-    dataset = LlavaJsonDataset(
-        write_llava(root / "llava.json", [llava(), llava(image=None, human="Hi", gpt="Hello")])
-    )
-    first, second = dataset[0], dataset[1]
-    user, assistant = first["messages"]
-    assert user["role"] == "user" and assistant["role"] == "assistant"
-    assert user["content"][0]["type"] == "image" and user["content"][0]["image"].getpixel(
-        (0, 0)
-    ) == (255, 0, 0)
-    assert user["content"][1] == {"type": "text", "text": "What colour is it?"}
-    assert first["answer"] == "red" and first["id"] == "r" and first["task"] == "llava"
-    assert second["messages"][0]["content"] == [{"type": "text", "text": "Hi"}]
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("<image>\nQ", ["image", "Q"]),
-        ("Q\n<image>", ["Q", "image"]),
-        ("left <image> right", ["left ", "image", " right"]),
-        ("<image>", ["image"]),
-    ],
-)
-def test_placeholder_becomes_an_image_item_at_its_position(value, expected):
-    (user, _) = llava_to_messages(
-        [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}], ["x.png"]
-    )
-    assert [item.get("text", item["type"]) for item in user["content"]] == expected
-
-
-def test_one_image_without_placeholder_goes_before_the_first_question():
-    messages = llava_to_messages(
-        [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], ["x.png"]
-    )
-    assert messages[0]["content"] == [
-        {"type": "image", "image": "x.png"},
-        {"type": "text", "text": "Q"},
-    ]
-
-
-def test_several_images_fill_placeholders_in_order():
-    turns = [{"from": "human", "value": "<image> vs <image>"}, {"from": "gpt", "value": "A"}]
-    content = llava_to_messages(turns, ["a.png", "b.png"])[0]["content"]
-    assert [item.get("image", item.get("text")) for item in content] == ["a.png", " vs ", "b.png"]
-
-
-def test_llava_bad_records_are_skipped_with_the_line_they_start_on(root, caplog):
-    records = [
-        llava(),
-        llava(human="<image> <image> two?"),  # one image, two placeholders
-        {"id": "x", "conversations": [{"from": "bot", "value": "?"}]},
-        llava(image="../../etc/passwd"),
-        llava(gpt=""),
-        llava(image="imgs/blue.png", gpt="blue"),
-    ]
-    path = write_llava(root / "llava.json", records)
-    starts = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line == "  {"]
-    with caplog.at_level(logging.WARNING):
-        dataset = LlavaJsonDataset(path)
-    assert [s["answer"] for s in dataset] == ["red", "blue"]
-    assert dataset.skipped == {
-        "image_count_mismatch": 1,
-        "unknown_role": 1,
-        "path_escape": 1,
-        "empty_content": 1,
-    }
-    for line in starts[1:5]:
-        assert any(f"{path}:{line}:" in m for m in warnings_of(caplog)), line
-    with pytest.raises(DataError, match=f"{path}:{starts[1]}: .*placeholders"):
-        LlavaJsonDataset(path, strict=True)
-
-
-def test_llava_image_folder_is_the_root(root, tmp_path):
-    path = write_llava(tmp_path / "llava.json", [llava(image="red.png")])
-    assert LlavaJsonDataset(path, image_folder=root / "imgs")[0]["answer"] == "red"
-    with pytest.raises(DataError, match="outside the dataset root"):
-        LlavaJsonDataset(
-            write_llava(tmp_path / "l2.json", [llava(image="../outside.png")]),
-            image_folder=root,
-            strict=True,
-        )
-
-
-@pytest.mark.parametrize(
-    ("text", "line"),
-    [
-        ('[\n  {"id": 1},\n  {"id": 2\n]', 4),
-        ('{"id": 1}', 1),
-        ('[\n{"id": 1}\n]\n]', 4),
-        ("[\n  1,\n  2,,\n]", 3),
-    ],
-)
-def test_malformed_llava_document_always_raises_naming_the_line(root, text, line):
-    path = root / "broken.json"
-    path.write_text(text)
-    with pytest.raises(DataError, match=rf"^{path}:{line}: malformed JSON document"):
-        LlavaJsonDataset(path)  # even without strict: the rest of the array cannot be trusted
-
-
-json_values = st.recursive(
-    st.none() | st.integers() | st.text(max_size=8),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2)
-    ),
-    max_leaves=5,
-)
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    elements=st.lists(json_values, max_size=6),
-    indents=st.lists(st.sampled_from([None, 0, 2]), min_size=6, max_size=6),
-    blank_lines=st.lists(st.integers(0, 2), min_size=7, max_size=7),
-)
-def test_iter_json_array_yields_each_element_with_its_start_line(elements, indents, blank_lines):
-    text, expected_lines = "[", []
-    for i, element in enumerate(elements):
-        text += "\n" * blank_lines[i] + " "
-        expected_lines.append(text.count("\n") + 1)
-        text += json.dumps(element, indent=indents[i]) + ("," if i < len(elements) - 1 else "")
-    text += "\n" * blank_lines[-1] + "]\n"
-    parsed = list(iter_json_array(text, "f.json"))
-    assert [value for _, value in parsed] == elements
-    assert [line for line, _ in parsed] == expected_lines

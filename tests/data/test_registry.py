@@ -21,7 +21,7 @@ def test_known_names():
         ["easy_vqa", "easy_vqa_grouped", "easy_vqa_open", "easy_vqa_shape", "easy_vqa_color", "easy_vqa_dialogues",
          "shapes", "charts",
          "multi_image", "video", "retrieval", "shapes_grouped", "charts_grouped", "multi_image_grouped", "jsonl",
-         "llava"]
+         "llava", "coco", "webdataset", "parquet", "hf"]
     )
 
 
@@ -84,7 +84,7 @@ def test_file_sources_take_a_path_and_an_optional_weight(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("shapez", "unknown dataset 'shapez'.*known datasets: charts, charts_grouped, easy_vqa"),
+        ("shapez", "unknown dataset 'shapez'.*known datasets: charts, charts_grouped, coco, easy_vqa"),
         ("shapes:0", "> 0"),
         ("shapes:-0.5", "> 0"),
         ("shapes:nan", "finite"),
@@ -108,3 +108,24 @@ def test_registering_new_names():
         register_dataset("shapes", lambda request: ShapesDataset())
     with pytest.raises(ValueError, match="identifiers"):
         register_dataset("my-set", lambda request: ShapesDataset())
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("llava:/d/a.json?images", "KEY=VALUE pairs"),
+        ("llava:/d/a.json?images=", "KEY=VALUE pairs"),
+        ("llava:/d/a.json?root=/x", "has no option 'root'; it takes: images"),
+        ("llava:/d/a.json?images=/x&images=/y", "given twice"),
+        ("llava:?images=/x", "needs a file"),
+    ],
+)
+def test_bad_file_options_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+def test_options_and_weight_parse_and_the_label_round_trips():
+    (source, other) = parse_spec("llava:/d/a:b.json?images=/imgs:0.25,shapes:0.75")
+    assert (source.path, source.options, source.weight) == ("/d/a:b.json", (("images", "/imgs"),), 0.25)
+    assert parse_spec(source.label)[0].options == source.options and other.label == "shapes"
