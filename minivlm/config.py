@@ -168,6 +168,13 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: freeze the base weights and train LoRA adapters of this rank (minivlm.train.lora)
     lora_alpha: float = 16.0  # adapter update scale alpha / rank (Hu et al. 2021)
     lora_parts: tuple[str, ...] = ("decoder",)  # parts whose linear layers get adapters: decoder, encoder
+    # A contrastive image-text objective trained beside generation (minivlm/train/contrastive.py):
+    # each step adds retrieval_weight x the CLIP/SigLIP loss of retrieval_batch_size image-caption
+    # pairs of `retrieval_data` to the loss; the model gets a retrieval head. 0: off.
+    retrieval_weight: float = 0.0
+    retrieval_batch_size: int = 32
+    retrieval_loss: str = "clip"  # clip | siglip (minivlm/retrieval_head.py)
+    retrieval_data: str = "retrieval"  # a dataset spec whose samples carry "image" and "caption"
 
 
 @dataclass

@@ -58,17 +58,19 @@ class EvalReport:
     counts: dict[str, int]
     seconds: float
     predictions: list[Prediction] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why a metric one would expect is missing
 
     def table(self) -> str:
         width = max((len(k) for k in self.metrics), default=10)
         rows = [f"{'metric':<{width}}  {'value':>8}  {'n':>6}"]
         for k, v in self.metrics.items():
             rows.append(f"{k:<{width}}  {v:>8.4f}  {self.counts.get(k, 0):>6}")
+        rows += [f"note: {note}" for note in self.notes]
         return "\n".join(rows)
 
     def to_dict(self, n_predictions: int = 0) -> dict[str, Any]:
-        """JSON-ready ``{"metrics", "counts", "seconds", "predictions"}`` with the first ``n_predictions``."""
-        return {"metrics": self.metrics, "counts": self.counts, "seconds": self.seconds,
+        """JSON-ready ``{"metrics", "counts", "seconds", "notes", "predictions"}`` with the first ``n_predictions``."""
+        return {"metrics": self.metrics, "counts": self.counts, "seconds": self.seconds, "notes": self.notes,
                 "predictions": [p.__dict__ for p in self.predictions[:n_predictions]]}
 
 
@@ -210,6 +212,7 @@ def evaluate_spec(model, spec: str, *, split: str = "test", limit: int | None = 
     preds: list[Prediction] = []
     retrieval_metrics: dict[str, float] = {}
     retrieval_counts: dict[str, int] = {}
+    notes: list[str] = []
     t0 = time.perf_counter()
     for source in parse_spec(spec):
         dataset = build_dataset(source.label, split, seed=seed, image_size=model.config.encoder.image_size)
@@ -218,14 +221,26 @@ def evaluate_spec(model, spec: str, *, split: str = "test", limit: int | None = 
         report = evaluate(model, dataset, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           scoring=scoring, progress=progress)
         preds.extend(report.predictions)
-        if getattr(model, "retrieval_head", None) is not None and has_image_caption_pairs(dataset):
-            found = evaluate_retrieval(model, dataset, limit=limit)
-            n = int(found.pop("n"))
-            for key, value in found.items():
-                retrieval_metrics[f"{source.name}/{key}"] = value
-                retrieval_counts[f"{source.name}/{key}"] = n
+        found, found_counts, note = retrieval_scores(model, source.name, dataset, limit)
+        retrieval_metrics |= found
+        retrieval_counts |= found_counts
+        notes += [note] if note else []
     metrics, counts = score(preds)
-    return EvalReport(metrics | retrieval_metrics, counts | retrieval_counts, time.perf_counter() - t0, preds)
+    return EvalReport(metrics | retrieval_metrics, counts | retrieval_counts, time.perf_counter() - t0, preds, notes)
+
+
+def retrieval_scores(model, name: str, dataset, limit: int | None = None
+                     ) -> tuple[dict[str, float], dict[str, int], str | None]:
+    """Recall@k metrics (keyed ``"<name>/<metric>"``) and their counts for a source of image-caption
+    pairs; for a model without a retrieval head, none and a note saying why."""
+    if not has_image_caption_pairs(dataset):
+        return {}, {}, None
+    if getattr(model, "retrieval_head", None) is None:
+        return {}, {}, (f"{name}: no recall@k: the model has no retrieval head (train one with "
+                        f"train.retrieval_weight > 0, or minivlm.retrieval.train_retrieval)")
+    found = evaluate_retrieval(model, dataset, limit=limit)
+    n = int(found.pop("n"))
+    return ({f"{name}/{k}": v for k, v in found.items()}, {f"{name}/{k}": n for k in found}, None)
 
 
 def evaluate_retrieval(model, dataset, *, limit: int | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

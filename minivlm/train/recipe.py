@@ -285,6 +285,7 @@ def save_and_evaluate(trainer, model: VisionLanguageModel, cfg: VLMConfig, resul
     atomic_write_json(run_dir / "eval.json", {
         "run_id": run_id, "metrics": report.metrics, "counts": report.counts, "seconds": report.seconds,
         "train_seconds": result.seconds, "steps": result.steps, "not_evaluated": not_evaluated,
+        "notes": report.notes,
         "samples": [p.__dict__ for p in report.predictions[:: max(1, len(report.predictions) // 40)]]})
     return report
 
@@ -322,15 +323,20 @@ def periodic_eval(cfg: VLMConfig):
 
 def evaluate_run(model: VisionLanguageModel, cfg: VLMConfig, eval_limit: int | None = None, progress: bool = False):
     """easy-VQA on its full test split (unless limited) plus each synthetic task's test samples."""
-    from minivlm.eval.runner import EvalReport, evaluate, score
+    from minivlm.eval.runner import EvalReport, evaluate, retrieval_scores, score
 
     preds, seconds = [], 0.0
+    retrieval_metrics, retrieval_counts, notes = {}, {}, []
     for name in eval_sources(cfg.data.mixture):
         data = build_dataset(name, "test", seed=cfg.train.seed, image_size=cfg.encoder.image_size)
         limit = eval_limit if name == "easy_vqa" else min(eval_limit or SYNTHETIC_EVAL_SAMPLES, SYNTHETIC_EVAL_SAMPLES)
         t0 = time.perf_counter()
         report = evaluate(model, data, limit=limit, progress=progress)
+        found, counts, note = retrieval_scores(model, name, data, limit)
         seconds += time.perf_counter() - t0
         preds.extend(report.predictions)
+        retrieval_metrics |= found
+        retrieval_counts |= counts
+        notes += [note] if note else []
     metrics, counts = score(preds)
-    return EvalReport(metrics, counts, seconds, preds)
+    return EvalReport(metrics | retrieval_metrics, counts | retrieval_counts, seconds, preds, notes)

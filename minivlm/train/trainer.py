@@ -35,8 +35,10 @@ from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from minivlm.config import ConfigError, TrainConfig
 from minivlm.model import VisionLanguageModel
+from minivlm.retrieval_head import load_head_files
 from minivlm.text.processor import Processor
 from minivlm.train import checkpoint as ckpt
+from minivlm.train.contrastive import ContrastiveObjective, check_contrastive_config
 from minivlm.train.data import (
     CurriculumSampler,
     RenderedDataset,
@@ -158,6 +160,9 @@ class Trainer:
         self.device = self.dist.device
         # Every setting is checked before the first side effect (creating run_dir).
         check_train_config(self.tcfg)
+        check_contrastive_config(self.tcfg, self.dist.world_size)
+        self.contrastive = (ContrastiveObjective.from_config(self.tcfg, processor, self.cfg.encoder.image_size)
+                            if self.tcfg.retrieval_weight else None)
         self.precision = resolve_precision(self.tcfg.precision, self.device)
         scales = part_lr_scales(self.tcfg)
         self.eval_fn = eval_fn
@@ -169,6 +174,8 @@ class Trainer:
         self.processor = processor
         self.dataset = dataset
         self.curriculum, self.curriculum_switches = self._plan_curriculum(curriculum)
+        if self.contrastive is not None and getattr(self.model, "retrieval_head", None) is None:
+            self.model.add_retrieval_head(ContrastiveObjective.head_config(self.tcfg))  # before the optimizer sees the model
         apply_stage(self.model, scales)
         self._setup_lora(scales)
         if self.tcfg.activation_checkpointing:
@@ -300,6 +307,7 @@ class Trainer:
                              f"{position['global_batch']}, this run has {self.global_batch} "
                              f"(batch_size x grad_accum x world_size)")
         self.dist.load_model_state(self.model, found.model_state)
+        self._load_retrieval_head(directory)
         self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         if state["total_steps"] != self.total_steps:
             log.warning("resuming the checkpoint's schedule of %d steps (train.steps=%d is ignored)",
@@ -507,6 +515,17 @@ class Trainer:
                       "did not train (lower train.lr, or use train.precision=bf16 or fp32)", bad, self.step)
         return "nonfinite"
 
+    def _load_retrieval_head(self, directory: Path) -> None:
+        """A checkpoint keeps the head in its own files (:meth:`VisionLanguageModel.save_pretrained`)."""
+        head = getattr(self.model, "retrieval_head", None)
+        if head is None:
+            return
+        saved = load_head_files(directory, self.model.encoder.embed_dim, self.cfg.decoder.width, self.device)
+        if saved is None:
+            raise ckpt.CheckpointError(f"{directory} holds no retrieval head, but this run trains one "
+                                       f"(train.retrieval_weight={self.tcfg.retrieval_weight})")
+        head.load_state_dict(saved.state_dict())
+
     def _thread_tuner(self) -> ThreadTuner | None:
         """On the CPU: ``train.cpu_threads`` threads, or (0) the count chosen by timing steps."""
         if self.device.type != "cpu":
@@ -541,12 +560,17 @@ class Trainer:
         total_loss, step_tokens = self.dist.all_reduce_sums(float(loss_sum),
                                                             sum(int(b["attention_mask"].sum()) for b in usable))
         loss = total_loss / n_global if n_global > 0 else 0.0
-        outcome, grad_norm = self._update(loss, n_global)
+        contrastive = self._contrastive_step() if self.contrastive is not None else None
+        # A non-finite contrastive loss skips the step like a non-finite generation loss.
+        checked = loss if contrastive is None else loss + self.tcfg.retrieval_weight * contrastive
+        outcome, grad_norm = self._update(checked, n_global)
         self.step += 1
         record = {"step": self.step, "loss": loss if math.isfinite(loss) else None, "lr": self.tcfg.lr * multiplier,
                   "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
                   "tokens_per_s": step_tokens / (time.perf_counter() - t0), "supervised_tokens": n_tokens,
                   "tokens": step_tokens}
+        if contrastive is not None:
+            record["contrastive_loss"] = contrastive if math.isfinite(contrastive) else None
         if outcome != "ok":
             record["skipped"] = outcome
         return record
@@ -591,6 +615,14 @@ class Trainer:
                 out = self.forward_module(**inputs, return_logits=False, validate=False)
             self.scaler.scale(out.loss_sum * weight).backward()
         return out.loss_sum.detach() if weight else torch.zeros((), device=self.device)
+
+    def _contrastive_step(self) -> float:
+        """Forward + backward of the contrastive objective on this step's pairs (scaled by
+        ``train.retrieval_weight``; its gradient adds to the generation batch's); returns its loss."""
+        with autocast(self.precision, self.device):
+            loss = self.contrastive.loss(self.model, self.step)
+        self.scaler.scale(loss * self.tcfg.retrieval_weight).backward()
+        return float(loss.detach())
 
     def _update(self, loss: float, n_global: float) -> tuple[str, float | None]:
         """Clip and apply the accumulated gradient, or skip the step.

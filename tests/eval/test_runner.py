@@ -112,6 +112,9 @@ def test_evaluate_spec_adds_retrieval_recall_for_models_with_a_head():
     without = evaluate_spec(model, "retrieval,video", limit=3, max_new_tokens=4)
     assert "retrieval/caption_bleu4" in without.metrics and "video/accuracy" in without.metrics
     assert not any("r@" in k for k in without.metrics)
+    assert without.notes == ["retrieval: no recall@k: the model has no retrieval head (train one with "
+                             "train.retrieval_weight > 0, or minivlm.retrieval.train_retrieval)"]
+    assert without.to_dict()["notes"] == without.notes and without.table().endswith("note: " + without.notes[0])
     attach_retrieval_head(model)
     try:
         with_head = evaluate_spec(model, "retrieval,video", limit=3, max_new_tokens=4)
@@ -121,6 +124,7 @@ def test_evaluate_spec_adds_retrieval_recall_for_models_with_a_head():
     assert with_head.counts["retrieval/t2i_r@5"] == 3
     assert with_head.metrics["retrieval/t2i_r@5"] == 1.0  # 3 candidates
     assert not any(k.startswith("video/") and "r@" in k for k in with_head.metrics)
+    assert with_head.notes == []
 
 
 @pytest.mark.parametrize("options, message", [({"scoring": "vote"}, "scoring must be"), ({"limit": 0}, "limit")])
