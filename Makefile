@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # The main job: train the tiny VLM (a fixed number of steps: same result on any machine, ~9 minutes
-# on 2 CPU cores), then ask it about an easy-VQA test image and the course page's bar chart.
+# on 2 CPU cores), then ask it about an easy-VQA test image and the course page's bar chart, and
+# retrieve with it both ways among 8 test image-caption pairs (the answer is image 3 / caption 4).
 demo: $(STAMP)
 	$(VENV)/bin/minivlm train --out runs/tiny --overwrite
 	$(VENV)/bin/minivlm chat --model runs/tiny/model \
@@ -33,6 +34,13 @@ demo: $(STAMP)
 	$(PY) -c 'from minivlm.data.charts import seed_chart_image; seed_chart_image().save("runs/tiny/seed_chart.png")'
 	$(VENV)/bin/minivlm chat --model runs/tiny/model --image runs/tiny/seed_chart.png \
 		"What is the highest value in the bar chart?"
+	$(PY) -c 'import pathlib; from minivlm.data import build_dataset; d = build_dataset("retrieval", "test", image_size=64); \
+		out = pathlib.Path("runs/tiny/retrieval"); out.mkdir(exist_ok=True); [d[i]["image"].save(out / f"{i}.png") for i in range(8)]; \
+		(out / "captions.txt").write_text("".join(d[i]["caption"] + "\n" for i in range(8)))'
+	$(VENV)/bin/minivlm retrieve --model runs/tiny/model --images runs/tiny/retrieval --top 3 \
+		--text "$$(sed -n 4p runs/tiny/retrieval/captions.txt)"
+	$(VENV)/bin/minivlm retrieve --model runs/tiny/model --image runs/tiny/retrieval/3.png \
+		--texts runs/tiny/retrieval/captions.txt --top 3
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -54,7 +54,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if len(losses) >= 5:
         window = max(2, len(losses) // 20)
         ax[0, 0].plot(steps, moving_mean(losses, window), label=f"moving mean ({window})")
-    positive = all(v > 0 for v in losses)
+    contrastive = [(r["step"], r["contrastive_loss"]) for r in train if r.get("contrastive_loss") is not None]
+    if contrastive:  # train.retrieval_weight > 0: the image-caption objective beside generation
+        ax[0, 0].plot(*zip(*contrastive), alpha=0.6, label="contrastive (image-caption)")
+    positive = all(v > 0 for v in losses + [v for _, v in contrastive])
     ax[0, 0].set(xlabel="step", ylabel="training loss (per supervised token)", yscale="log" if positive else "linear",
                  title=Path(run_dir).name)
     ax[0, 0].legend()
@@ -63,7 +66,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for key in keys:
             ax[0, 1].plot([e["step"] for e in evals], [e["eval"].get(key) for e in evals], marker="o", label=key)
         ax[0, 1].set(xlabel="step", ylabel="metric", title="evaluation")
-        ax[0, 1].legend(fontsize=7)
+        if keys:  # evaluations that returned no metric draw nothing to label
+            ax[0, 1].legend(fontsize=7)
     fig.tight_layout()
     from minivlm.io_atomic import atomic_path
 

@@ -32,7 +32,7 @@ from minivlm.train.run_dir import LOCK_NAME, RunDirectory, read_run_id
 
 TRAIN = (*TINY_PARTS, "decoder.n_layers=1", "decoder.vocab_size=300", "data.curriculum=", "data.curriculum_steps=0",
          "train.batch_size=4", "train.max_minutes=none", "train.cpu_threads=1", "train.warmup_steps=2",
-         "train.precision=fp32")
+         "train.precision=fp32", "train.retrieval_weight=0")
 QUESTION = "What colour is the shape?"
 
 

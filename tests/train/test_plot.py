@@ -48,3 +48,22 @@ def test_missing_or_corrupt_metrics_are_reported(tmp_path):
 
 def test_moving_mean():
     assert moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_the_contrastive_loss_is_drawn_beside_the_generation_loss(tmp_path):
+    plain = [{"step": s, "loss": 4.0 / s} for s in range(1, 21)]
+    with_contrastive = [dict(r, contrastive_loss=3.0 / r["step"]) for r in plain]
+    _write_metrics(tmp_path, plain)
+    without = plot_run(tmp_path, tmp_path / "plain.png").read_bytes()
+    _write_metrics(tmp_path, with_contrastive)
+    drawn = plot_run(tmp_path, tmp_path / "contrastive.png").read_bytes()
+    assert drawn.startswith(PNG_SIGNATURE) and drawn != without
+
+
+def test_an_evaluation_without_metrics_plots_without_a_warning(tmp_path):
+    import warnings
+
+    _write_metrics(tmp_path, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval": {}}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_run(tmp_path).read_bytes().startswith(PNG_SIGNATURE)

@@ -9,7 +9,7 @@ import trainkit as tk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minivlm.config import ConfigError
+from minivlm.config import ConfigError, preset
 from minivlm.train.threads import ThreadTuner, thread_candidates
 from minivlm.train.trainer import Trainer
 
@@ -96,3 +96,21 @@ def test_cpu_threads_must_be_a_count(tmp_path):
     cfg = tk.config("train.cpu_threads=-1")
     with pytest.raises(ConfigError, match="train.cpu_threads"):
         Trainer(tk.model(cfg), tk.processor(), tk.dataset(), tmp_path, dist=tk.cpu(), progress=False)
+
+
+def test_the_default_run_length_does_not_depend_on_the_clock(tmp_path, monkeypatch):
+    """The main job's preset has no time budget: a machine 1000x slower runs the same steps."""
+    import minivlm.train.trainer as trainer_module
+
+    assert preset("tiny").train.max_minutes is None
+    cfg = tk.config("train.steps=5")
+    cfg.train.max_minutes = preset("tiny").train.max_minutes
+    now = [0.0]
+
+    def slow_clock():
+        now[0] += 600.0  # every clock read is ten minutes later
+        return now[0]
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", slow_clock)
+    result = Trainer(tk.model(cfg), tk.processor(), tk.dataset(), tmp_path, dist=tk.cpu(), progress=False).fit()
+    assert result.status == "finished" and result.steps == 5

@@ -34,6 +34,7 @@ TINY_OVERRIDES = (
     "train.save_every=0", "train.log_every=1", "train.max_nonfinite=3",
     "train.loss_weighting=token",  # the reference losses of these tests are plain token means
     "train.cpu_threads=1",  # a fixed thread count: float results depend on it (bitwise resume tests)
+    "train.retrieval_weight=0",  # generation only (tests/train/test_contrastive.py turns it on)
 )
 
 
