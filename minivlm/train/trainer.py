@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from minivlm.config import ConfigError, TrainConfig
+from minivlm.data.shards import ShardedSource
 from minivlm.model import VisionLanguageModel
 from minivlm.retrieval_head import load_head_files
 from minivlm.text.processor import Processor
@@ -306,6 +307,7 @@ class Trainer:
             raise ValueError(f"cannot resume {directory}: it was trained with global batch "
                              f"{position['global_batch']}, this run has {self.global_batch} "
                              f"(batch_size x grad_accum x world_size)")
+        self._check_shard_readers(directory, found.config.data.num_workers)
         self.dist.load_model_state(self.model, found.model_state)
         self._load_retrieval_head(directory)
         self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
@@ -514,6 +516,15 @@ class Trainer:
             log.error("%d of the %d steps of this run were skipped for a non-finite loss or gradient: the model "
                       "did not train (lower train.lr, or use train.precision=bf16 or fp32)", bad, self.step)
         return "nonfinite"
+
+    def _check_shard_readers(self, directory: Path, saved_workers: int) -> None:
+        """A sharded source splits its shards among (rank, DataLoader worker) readers: with another
+        ``data.num_workers`` a resumed run would read other records than the run it continues."""
+        workers = self.cfg.data.num_workers
+        if saved_workers != workers and any(isinstance(d, ShardedSource) for d in (*self.curriculum, self.dataset)):
+            raise ConfigError(f"cannot resume {directory} with data.num_workers={workers}: it read its sharded data "
+                              f"with data.num_workers={saved_workers}, and each DataLoader worker reads shards of its "
+                              f"own; resume with data.num_workers={saved_workers}")
 
     def _load_retrieval_head(self, directory: Path) -> None:
         """A checkpoint keeps the head in its own files (:meth:`VisionLanguageModel.save_pretrained`)."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 import trainkit as tk
 
+from minivlm.config import ConfigError
 from minivlm.data.webdataset_source import WebDatasetSource
 from minivlm.train.data import ShardSampler
 from minivlm.train.trainer import Trainer
@@ -63,3 +64,16 @@ def test_a_streamed_run_resumes_bitwise(tmp_path, shards):
     assert [h["loss"] for h in result.history] == losses[3:]
     assert all(torch.equal(a, b) for a, b in zip(tk.weights(resumed.model).values(),
                                                  tk.weights(straight.model).values()))
+
+
+def test_a_streamed_run_cannot_resume_with_another_worker_count(tmp_path, shards):
+    crashing = _trainer(tmp_path, shards)
+    tk.crash_after_checkpoint(crashing, step=3)
+    with pytest.raises(tk.SimulatedCrash):
+        crashing.fit()
+    cfg = tk.config(*OVERRIDES, "data.num_workers=2")
+    resumed = Trainer(tk.model(cfg), tk.processor(), WebDatasetSource(shards), tmp_path, dist=tk.cpu(), progress=False)
+    with pytest.raises(ConfigError, match="data.num_workers=2: it read its sharded data with data.num_workers=0.*"
+                                          "resume with data.num_workers=0"):
+        resumed.fit(resume=True)
+    resumed.close()
