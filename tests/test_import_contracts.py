@@ -39,3 +39,11 @@ def test_the_package_loggers_are_still_enabled_in_this_process():
     import minivlm.train.checkpoint  # noqa: F401  (creates its logger)
 
     assert not logging.getLogger("minivlm.train.checkpoint").disabled
+
+
+def test_no_module_holds_more_than_one_idea_by_size():
+    """One idea per file: no module over 500 lines but the Triton kernel (issue 15)."""
+    allowed = {"minivlm/kernels/triton_attention.py"}
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "minivlm").rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert set(long) <= allowed, long

@@ -7,12 +7,10 @@ its micro-batch happened to hold (per-micro-batch means over-weight short batche
 gradient of a step is therefore the gradient of one big batch's mean token loss, however it
 is split across micro-batches and ranks. With ``train.loss_weighting`` other than ``token``,
 tokens carry weights (:mod:`minivlm.train.loss_weighting`) and ``N_global`` is their total.
-
-Exact resume: a checkpoint holds the weights, the optimizer and gradient-scaler states, the
-schedule position, every global RNG and the data position (the step: see :mod:`minivlm.train.data`).
-A run stopped at step ``k`` and resumed computes, on the CPU in fp32, bit for bit the losses
-and weights of the run that never stopped, at a fixed ``train.cpu_threads`` (parallel reductions
-round differently under another thread count, and the measured choice depends on the machine).
+The step itself (micro-batches, the contrastive term, clipping, skipped steps) is
+:mod:`minivlm.train.step`, checkpoints and exact resume are :mod:`minivlm.train.resume` (bit for
+bit at a fixed ``train.cpu_threads``: parallel reductions round differently under another thread
+count, and the measured choice depends on the machine); this module runs the loop around them.
 """
 
 from __future__ import annotations
@@ -24,57 +22,36 @@ import signal
 import time
 import weakref
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 
 from minivlm.config import ConfigError, TrainConfig
-from minivlm.data.shards import ShardedSource
 from minivlm.model import VisionLanguageModel
-from minivlm.retrieval_head import load_head_files
 from minivlm.text.processor import Processor
 from minivlm.train import checkpoint as ckpt
 from minivlm.train.contrastive import ContrastiveObjective, check_contrastive_config
-from minivlm.train.data import (
-    CurriculumSampler,
-    RenderedDataset,
-    RenderedGroup,
-    Skipped,
-    StepSampler,
-    TrainCollator,
-    make_loader,
-    step_sampler,
-    supervised_tokens,
-    supervised_weight,
-    to_device,
-)
+from minivlm.train.data import CurriculumSampler, StepSampler, make_loader, step_sampler
 from minivlm.train.distributed import DistributedContext
 from minivlm.train.lora import apply_lora, has_lora, mark_only_lora_trainable
-from minivlm.train.optim import build_optimizer, lr_multiplier
-from minivlm.train.run_dir import RunDirectory, RunDirectoryError, collectively, trim_metrics  # noqa: F401
-from minivlm.train.precision import autocast, grad_scaler, resolve_precision
+from minivlm.train.optim import build_optimizer
+from minivlm.train.run_dir import RunDirectory, RunDirectoryError, collectively  # noqa: F401  (re-exported)
+from minivlm.train.precision import grad_scaler, resolve_precision
 from minivlm.train.stages import apply_stage, part_lr_scales
+from minivlm.train.resume import CheckpointedRun
+from minivlm.train.step import MODEL_INPUTS, OptimizerStep, TrainingAborted  # noqa: F401  (re-exported)
 from minivlm.train.threads import ThreadTuner, available_cores, thread_candidates
 
 log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "labels", "attention_mask", "position_ids", "document_ids",
-                "branch_ids", "loss_weights")
-#: Samples tried in order to find one usable micro-batch when a rank's first step has none.
-_FILLER_SEARCH = 1000
 
 
 #: Steps timed before a time budget (``max_minutes``) fixes the schedule's length.
 BUDGET_CALIBRATION_STEPS = 20
-
-
-class TrainingAborted(RuntimeError):
-    """Too many consecutive non-finite losses, or another unrecoverable training state."""
 
 
 @dataclass
@@ -127,7 +104,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.lora_rank: expected an integer >= 0 (0 disables LoRA), got {rank!r}")
 
 
-class Trainer:
+class Trainer(CheckpointedRun, OptimizerStep):
     """Trains a :class:`VisionLanguageModel` on a map-style dataset of chat samples.
 
     Args:
@@ -241,92 +218,6 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             return None
         return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-    @property
-    def global_batch(self) -> int:
-        return self.tcfg.batch_size * self.tcfg.grad_accum * self.dist.world_size
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights that a resumed run needs (a collective under FSDP)."""
-        return {
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "optimizer": self.dist.optimizer_state(self.model, self.optimizer),
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "nonfinite_total": self.nonfinite_total,
-            "overflow_total": self.overflow_total,
-            "skipped_samples": dict(self.skipped_samples),
-            "data_position": {"next_step": self.step, "global_batch": self.global_batch, "seed": self.data_seed},
-            "run_id": self.run.run_id,
-        }
-
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step (rank 0; every rank must call it)."""
-        model_state = self.dist.full_model_state(self.model)  # collective under FSDP
-        trainer_state = self.state_dict()
-        self._saved_step = self.step
-        if not self.dist.is_main:
-            return None
-
-        def write_model(directory: Path) -> None:
-            self.model.save_pretrained(directory, state_dict=model_state)
-
-        return ckpt.save_checkpoint(self.run_dir, self.step, write_model, trainer_state, self.tcfg.keep_checkpoints,
-                                    run_id=self.run.run_id)
-
-    def resume(self, checkpoint: str | Path | ckpt.IntactCheckpoint | None = None) -> bool:
-        """Restore model, optimizer, schedule position, scaler, RNG and data position.
-
-        Reads ``checkpoint`` (a directory, or one already read by
-        :func:`~minivlm.train.checkpoint.load_intact_checkpoint`), or else the newest intact
-        checkpoint of this run (newer damaged ones are skipped with a warning); returns False
-        (and changes nothing but the metrics log, cut back to step 0) when there is none.
-
-        Raises:
-            ValueError: the checkpoint was trained with another global batch size (its data
-                positions would not line up).
-            FileNotFoundError: ``checkpoint`` is not a training checkpoint.
-            CheckpointError: ``checkpoint`` cannot be read, or no checkpoint of the run is intact.
-        """
-        if isinstance(checkpoint, ckpt.IntactCheckpoint):
-            found = checkpoint
-        elif checkpoint:
-            found = ckpt.read_checkpoint(checkpoint)
-        else:
-            found = ckpt.load_intact_checkpoint(self.run_dir, self.run.run_id or None)
-        if found is None:
-            log.info("no checkpoint in %s: starting from step 0", self.run_dir)
-            if self.dist.is_main:
-                trim_metrics(self.metrics_path, 0)  # records of an attempt that died before its first checkpoint
-            return False
-        directory, state = found.path, found.trainer_state
-        position = state["data_position"]
-        if position["global_batch"] != self.global_batch:
-            raise ValueError(f"cannot resume {directory}: it was trained with global batch "
-                             f"{position['global_batch']}, this run has {self.global_batch} "
-                             f"(batch_size x grad_accum x world_size)")
-        self._check_shard_readers(directory, found.config.data.num_workers)
-        self.dist.load_model_state(self.model, found.model_state)
-        self._load_retrieval_head(directory)
-        self.dist.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        if state["total_steps"] != self.total_steps:
-            log.warning("resuming the checkpoint's schedule of %d steps (train.steps=%d is ignored)",
-                        state["total_steps"], self.total_steps)
-        self.total_steps = state["total_steps"]
-        self.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        self.step = state["step"]
-        self.data_seed = position["seed"]
-        self.nonfinite_total = state["nonfinite_total"]
-        self.overflow_total = state["overflow_total"]
-        self.skipped_samples = Counter(state["skipped_samples"])
-        self._saved_step = self.step
-        if self.dist.is_main:
-            trim_metrics(self.metrics_path, self.step)  # the resumed run rewrites what came after
-        log.info("resumed from %s at step %d", directory, self.step)
-        return True
 
     # ---- signals --------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
@@ -517,179 +408,12 @@ class Trainer:
                       "did not train (lower train.lr, or use train.precision=bf16 or fp32)", bad, self.step)
         return "nonfinite"
 
-    def _check_shard_readers(self, directory: Path, saved_workers: int) -> None:
-        """A sharded source splits its shards among (rank, DataLoader worker) readers: with another
-        ``data.num_workers`` a resumed run would read other records than the run it continues."""
-        workers = self.cfg.data.num_workers
-        if saved_workers != workers and any(isinstance(d, ShardedSource) for d in (*self.curriculum, self.dataset)):
-            raise ConfigError(f"cannot resume {directory} with data.num_workers={workers}: it read its sharded data "
-                              f"with data.num_workers={saved_workers}, and each DataLoader worker reads shards of its "
-                              f"own; resume with data.num_workers={saved_workers}")
-
-    def _load_retrieval_head(self, directory: Path) -> None:
-        """A checkpoint keeps the head in its own files (:meth:`VisionLanguageModel.save_pretrained`)."""
-        head = getattr(self.model, "retrieval_head", None)
-        if head is None:
-            return
-        saved = load_head_files(directory, self.model.encoder.embed_dim, self.cfg.decoder.width, self.device)
-        if saved is None:
-            raise ckpt.CheckpointError(f"{directory} holds no retrieval head, but this run trains one "
-                                       f"(train.retrieval_weight={self.tcfg.retrieval_weight})")
-        head.load_state_dict(saved.state_dict())
-
     def _thread_tuner(self) -> ThreadTuner | None:
         """On the CPU: ``train.cpu_threads`` threads, or (0) the count chosen by timing steps."""
         if self.device.type != "cpu":
             return None
         fixed = self.tcfg.cpu_threads
         return ThreadTuner((fixed,) if fixed else thread_candidates(available_cores()))
-
-    def _train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics record."""
-        t0 = time.perf_counter()
-        micro = [to_device(next(batches), self.device) for _ in range(self.tcfg.grad_accum)]
-        usable = [b for b in micro if b["n_samples"]]
-        skipped = sum((b["skipped"] for b in micro), Counter())
-        # n_global normalises the loss: the supervised tokens' count, or their total loss weight.
-        counts = [supervised_tokens(b) for b in usable]
-        n_global, n_tokens, n_skipped = self.dist.all_reduce_sums(
-            sum(supervised_weight(b, n) for b, n in zip(usable, counts)), sum(counts), sum(skipped.values()))
-        if n_skipped:
-            self.skipped_samples.update(self.dist.gather_counts(skipped))
-        multiplier = lr_multiplier(self.step, self.total_steps, self.tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * multiplier
-        self.optimizer.zero_grad(set_to_none=True)
-        # DDP averages gradients over ranks; multiplying by world_size turns that into the sum
-        # the global-token normalisation needs.
-        weight = self.dist.world_size / n_global if n_global else 0.0
-        passes = self._micro_passes(micro, usable)
-        # float64, so the sum over micro-batches rounds alike on one rank and on several.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (batch, counted) in enumerate(passes):
-            loss_sum += self._micro_step(batch, weight if counted else 0.0, sync=i == len(passes) - 1)
-        total_loss, step_tokens = self.dist.all_reduce_sums(float(loss_sum),
-                                                            sum(int(b["attention_mask"].sum()) for b in usable))
-        loss = total_loss / n_global if n_global > 0 else 0.0
-        contrastive = self._contrastive_step() if self.contrastive is not None else None
-        # A non-finite contrastive loss skips the step like a non-finite generation loss.
-        checked = loss if contrastive is None else loss + self.tcfg.retrieval_weight * contrastive
-        outcome, grad_norm = self._update(checked, n_global)
-        self.step += 1
-        record = {"step": self.step, "loss": loss if math.isfinite(loss) else None, "lr": self.tcfg.lr * multiplier,
-                  "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
-                  "tokens_per_s": step_tokens / (time.perf_counter() - t0), "supervised_tokens": n_tokens,
-                  "tokens": step_tokens}
-        if contrastive is not None:
-            record["contrastive_loss"] = contrastive if math.isfinite(contrastive) else None
-        if outcome != "ok":
-            record["skipped"] = outcome
-        return record
-
-    def _micro_passes(self, micro: list[dict[str, Any]], usable: list[dict[str, Any]]) -> list[tuple[dict, bool]]:
-        """The forward/backward passes of a step as ``(batch, counts toward the loss)``.
-
-        One process skips empty micro-batches (every sample refused by the processor). Ranks
-        of a group cannot: FSDP gathers weights in every forward and DDP reduces gradients in
-        the last backward, both collectives, so every rank runs ``grad_accum`` passes and an
-        empty micro-batch is replaced by a usable one whose loss is weighted by 0.
-        """
-        if self.dist.world_size == 1:
-            return [(b, True) for b in usable]
-        if usable:
-            self._filler = usable[-1]
-        filler = self._filler if self._filler is not None else self._find_filler()
-        return [(b, True) if b["n_samples"] else (filler, False) for b in micro]
-
-    def _find_filler(self) -> dict[str, Any]:
-        rendered = RenderedDataset(self.dataset, self.processor)
-        collate = TrainCollator(self.processor.tokenizer.pad_id,
-                                self.cfg.data.max_length if self.cfg.data.packing else None,
-                                self.processor.tokenizer.image_token_id, self.tcfg.loss_weighting)
-        for index in range(min(len(rendered), _FILLER_SEARCH)):
-            item = rendered[index]
-            if not isinstance(item, Skipped) and not (isinstance(item, RenderedGroup) and not item.samples):
-                self._filler = to_device(collate([item]), self.device)
-                return self._filler
-        raise TrainingAborted(f"none of the first {_FILLER_SEARCH} samples renders (all skipped by the processor); "
-                              f"check data.max_length against the samples' lengths")
-
-    def _micro_step(self, batch: dict[str, Any], weight: float, sync: bool) -> torch.Tensor:
-        """Forward + backward of one micro-batch scaled by ``weight``; returns its summed loss
-        (zero for a filler pass, ``weight == 0``)."""
-        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-        sync_ctx = nullcontext() if sync else self.dist.no_sync(self.wrapped)
-        with sync_ctx:
-            with autocast(self.precision, self.device):
-                # validate=False: the processor and collator built this batch (placeholders match
-                # the images, ids come from the tokenizer), so no value check reads the device.
-                out = self.forward_module(**inputs, return_logits=False, validate=False)
-            self.scaler.scale(out.loss_sum * weight).backward()
-        return out.loss_sum.detach() if weight else torch.zeros((), device=self.device)
-
-    def _contrastive_step(self) -> float:
-        """Forward + backward of the contrastive objective on this step's pairs (scaled by
-        ``train.retrieval_weight``; its gradient adds to the generation batch's); returns its loss."""
-        with autocast(self.precision, self.device):
-            loss = self.contrastive.loss(self.model, self.step)
-        self.scaler.scale(loss * self.tcfg.retrieval_weight).backward()
-        return float(loss.detach())
-
-    def _update(self, loss: float, n_global: float) -> tuple[str, float | None]:
-        """Clip and apply the accumulated gradient, or skip the step.
-
-        Returns ``(outcome, grad norm before clipping)`` with outcome ``ok``, ``nonfinite``
-        (loss or gradient not finite), ``overflow`` (fp16: the scaler backs off) or ``empty``
-        (no supervised token in the global batch). Every rank reaches the same outcome: the
-        loss and the gradient norm are global.
-        """
-        if n_global == 0:
-            log.warning("step %d has no supervised token in its global batch; skipped", self.step)
-            return "empty", None
-        if not math.isfinite(loss):
-            self._count_nonfinite(f"loss {loss}")
-            return "nonfinite", None
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip_gradients()
-        if not math.isfinite(grad_norm):
-            if self.scaler.is_enabled():
-                # Dynamic loss scaling (Micikevicius et al. 2018): an inf gradient means the
-                # scale is too high; skip and halve it. Decided here from the global norm, not
-                # by scaler.step's per-rank inf check, so sharded (FSDP) ranks cannot disagree.
-                self.overflow_total += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-                log.info("fp16 gradient overflow at step %d; loss scale -> %g", self.step, self.scaler.get_scale())
-                return "overflow", grad_norm
-            self._count_nonfinite(f"gradient norm {grad_norm}")
-            return "nonfinite", grad_norm
-        self._consecutive_bad = 0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return "ok", grad_norm
-
-    def _count_nonfinite(self, what: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._consecutive_bad += 1
-        self.nonfinite_total += 1
-        log.warning("non-finite %s at step %d (%d in a row); step skipped", what, self.step, self._consecutive_bad)
-        if self._consecutive_bad >= self.tcfg.max_nonfinite:
-            raise TrainingAborted(
-                f"{self._consecutive_bad} consecutive steps with a non-finite loss or gradient (last at step "
-                f"{self.step}, train.max_nonfinite={self.tcfg.max_nonfinite}); lower train.lr, use "
-                f"train.precision=bf16 or fp32, or check the data")
-
-    def _clip_gradients(self) -> float:
-        """Global L2 norm of the (unscaled) gradients, clipped to ``train.grad_clip`` when set."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-        value = float(full)
-        if self.tcfg.grad_clip > 0 and math.isfinite(value):
-            torch.nn.utils.clip_grads_with_norm_(params, self.tcfg.grad_clip, norm)
-        return value
 
     # ---- reporting ------------------------------------------------------------------------------
     def _progress_bar(self):
