@@ -11,7 +11,9 @@ Rows (``tiny``, the main job's data, real rendered batches):
   preprocessed once for the group (:class:`minivlm.text.processor.MediaCache`) vs once per question;
 * ``step``: one whole training step (forward, backward, optimizer) under 1 vs 2 (all) threads:
   which is faster depends on what else the machine runs, which is why the trainer measures it
-  (:mod:`minivlm.train.threads`).
+  (:mod:`minivlm.train.threads`);
+* ``contrastive``: one training step with and without the contrastive image-caption term
+  (``train.retrieval_weight``, :mod:`minivlm.train.contrastive`): what retrieval costs the main job.
 
 Each row alternates A B A B for ``--rounds`` rounds and reports the medians and their ratio.
 Note the load (``uptime``) with the numbers: the machine is shared.
@@ -100,6 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         step(cores)  # warm-up
         rows.append((f"train step: 1 thread / {cores} threads",
                      *interleaved(lambda: step(1), lambda: step(cores), args.rounds)))
+
+        objective = trainer.contrastive  # tiny trains retrieval beside generation (train.retrieval_weight)
+
+        def step_with(contrastive: bool):
+            trainer.contrastive = objective if contrastive else None
+            step(cores)
+
+        rows.append((f"train step ({cores} threads): with / without the contrastive term "
+                     f"({cfg.train.retrieval_batch_size} pairs)",
+                     *interleaved(lambda: step_with(True), lambda: step_with(False), args.rounds)))
 
     load = os.getloadavg()
     lines = [f"CPU A/B, interleaved, {args.rounds} rounds (load before/after: {load[0]:.2f})",

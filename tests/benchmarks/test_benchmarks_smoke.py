@@ -232,8 +232,22 @@ def test_main_job_benchmark_writes_the_per_seed_table(tmp_path):
     for row in report["rows"]:
         assert row["exit_code"] == 0 and row["steps"] == 3
         assert 0 <= row["metrics"]["easy_vqa/accuracy"] <= 1 and "charts/max_value" in row["metrics"]
+        assert 0 <= row["metrics"]["retrieval/t2i_r@5"] <= 1  # tiny trains its retrieval head too
         assert [c["question"] for c in row["chat"]] == ["what shape is in the image?",
                                                          "What is the highest value in the bar chart?"]
         assert all(c["correct"] == (c["answer"] == c["expected"]) for c in row["chat"])
     table = (out / "main_job.md").read_text()
     assert table.count("\n| 0 |") == 1 and table.count("\n| 1 |") == 1 and "| target |" in table
+
+
+@pytest.mark.slow
+def test_cpu_speed_benchmark_measures_every_row(tmp_path, capsys):
+    from benchmarks import cpu_speed
+
+    assert cpu_speed.main(["--rounds", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_speed.json").read_text())["rows"]
+    names = [r["what"] for r in rows]
+    assert len(rows) == 4 and all(r["a_s"] > 0 and r["b_s"] > 0 for r in rows)
+    assert names[0].startswith("adamw") and names[1].startswith("render") and names[2].startswith("train step: 1")
+    assert "contrastive" in names[3]
+    assert "| A / B |" in capsys.readouterr().out
