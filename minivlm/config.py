@@ -382,7 +382,7 @@ def _tiny() -> VLMConfig:
         decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,
                               max_seq_len=512),
         train=TrainConfig(lr=5e-4, batch_size=16, warmup_steps=30, steps=TINY_STEPS, max_minutes=None, save_every=500,
-                          loss_weighting="square", retrieval_weight=0.5),
+                          loss_weighting="square", retrieval_weight=0.1, retrieval_batch_size=8),
         data=DataConfig(mixture=f"easy_vqa_grouped:0.45,{synthetic}", packing=True, max_length=256, video_frames=6,
                         curriculum="easy_vqa_shape:0.4,easy_vqa_open:0.25,shapes_grouped:0.05,charts_grouped:0.1,"
                                    "multi_image_grouped:0.05,video:0.1,retrieval:0.05", curriculum_steps="700"),
