@@ -103,3 +103,16 @@ def test_number_words_spell_frame_counts_as_num2words():
         assert number_words(n) == num2words(n)
     with pytest.raises(ValueError):
         number_words(-1)
+
+
+def test_a_template_kind_must_implement_the_three_layouts():
+    from minivlm.text.templates.base import ChatTemplate
+
+    class SegmentsOnly(ChatTemplate):
+        kind = "segments_only"
+
+        def segments(self, messages, *, add_generation_prompt=False):
+            return []
+
+    with pytest.raises(TypeError, match="abstract.*image_layout.*video_layout"):
+        SegmentsOnly()

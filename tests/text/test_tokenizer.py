@@ -265,3 +265,11 @@ def test_encode_decode_errors(tokenizer):
         tokenizer.token_to_id("<row_9_col_9>")
     with pytest.raises(ValueError, match="1-based"):
         tile_token(0, 1)
+
+
+def test_offsets_are_only_offered_by_tokenizers_that_encode_text_runs_jointly(tokenizer):
+    # Sentencepiece encodes a template's text segments one by one (joint_text_runs False), so it has
+    # no character offsets to give; asking names the class instead of returning wrong offsets.
+    assert not tokenizer.joint_text_runs
+    with pytest.raises(NotImplementedError, match=f"{type(tokenizer).__name__} encodes template segments one by one"):
+        tokenizer.encode_with_offsets("a red circle")

@@ -9,6 +9,7 @@ what an export writes and what the parity tests render with ``apply_chat_templat
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ def view_order(processed: Any, global_first: bool) -> Tensor:
 
 
 @dataclasses.dataclass
-class ChatTemplate:
+class ChatTemplate(ABC):
     """Base of the template kinds. Subclasses set ``kind``, ``jinja`` and implement the three
     layouts; their dataclass fields are the saved data."""
 
@@ -41,20 +42,20 @@ class ChatTemplate:
     #: The special token that closes an assistant turn (generation stops there; None: the eos).
     end_of_turn: ClassVar[str | None] = None
 
+    @abstractmethod
     def segments(self, messages: Sequence[Any], *, add_generation_prompt: bool = False) -> list[Segment]:
         """The conversation (normalised :class:`~minivlm.text.chat.Message` list) as segments,
         media left as :class:`~minivlm.text.segments.MediaSegment` numbered in order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def image_layout(self, processed: Any, image_seq_len: int, index: int, count: int) -> tuple[list[Segment], Tensor]:
         """Segments of image number ``index`` of ``count`` and its views in placeholder order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def video_layout(self, frames: Sequence[tuple[float, Tensor]], duration: float,
                      image_seq_len: int) -> list[tuple[list[Segment], Tensor | None]]:
         """``(segments, views)`` chunks of a video: ``frames`` are ``(timestamp, [1, C, H, W])``
         views in order; ``views`` is None for text-only chunks."""
-        raise NotImplementedError
 
     def required_tokens(self) -> list[str]:
         """Special tokens the tokenizer must hold for this template (tile markers aside)."""
