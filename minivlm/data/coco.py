@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from minivlm.data.file_dataset import ChatFileDataset, Record
 from minivlm.data.json_index import RecordIndex
 from minivlm.data.sample import DataError, caption_messages
-from minivlm.vision import DEFAULT_MAX_PIXELS
 
 
 class CocoCaptionsDataset(ChatFileDataset):
@@ -28,12 +26,8 @@ class CocoCaptionsDataset(ChatFileDataset):
 
     task = "coco_captions"
 
-    def __init__(self, path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None,
-                 strict: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool = False,
-                 verify_images: bool = False) -> None:
-        super().__init__(path, image_root=image_folder if image_folder is not None else Path(path).parent,
-                         strict=strict, require_assistant=True, max_pixels=max_pixels, verify=verify,
-                         verify_images=verify_images)
+    def __init__(self, path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, **options) -> None:
+        super().__init__(path, image_root=image_folder, **options)  # COCO's name for the media root
 
     def _index(self) -> RecordIndex:
         try:

@@ -36,6 +36,7 @@ from minivlm.data.media import MediaRoot
 from minivlm.data.sample import DataError, sample_from_messages
 from minivlm.data.skips import SkippingReader
 from minivlm.text.chat import Message
+from minivlm.vision import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,14 @@ class ChatFileDataset(SkippingReader, Dataset, ABC):
     #: Default ``task`` field of the samples.
     task: str
 
-    def __init__(self, path: str | os.PathLike, *, image_root: str | os.PathLike, strict: bool,
-                 require_assistant: bool, max_pixels: int | None, verify: bool = False,
+    def __init__(self, path: str | os.PathLike, *, image_root: str | os.PathLike | None = None, strict: bool = False,
+                 require_assistant: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool = False,
                  verify_images: bool = False) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such data file")
-        self.media = MediaRoot(image_root, max_pixels)
+        # Media paths are relative to image_root, by default the data file's own folder.
+        self.media = MediaRoot(image_root if image_root is not None else self.path.parent, max_pixels)
         self._init_skips(strict)
         self.require_assistant = require_assistant
         self._fd: int | None = None  # the file, opened per process (DataLoader workers open their own)

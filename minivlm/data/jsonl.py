@@ -14,13 +14,10 @@ Records are indexed lazily and checked when read (:mod:`minivlm.data.file_datase
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 from minivlm.data.file_dataset import JsonRecordDataset, Record, decode_json
 from minivlm.data.json_index import RecordIndex, index_jsonl
 from minivlm.data.sample import DataError, checked_messages
-from minivlm.vision import DEFAULT_MAX_PIXELS
 
 
 class ChatJsonlDataset(JsonRecordDataset):
@@ -40,13 +37,6 @@ class ChatJsonlDataset(JsonRecordDataset):
     """
 
     task = "jsonl"
-
-    def __init__(self, path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
-                 strict: bool = False, require_assistant: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 verify: bool = False, verify_images: bool = False) -> None:
-        super().__init__(path, image_root=image_root if image_root is not None else Path(path).parent,
-                         strict=strict, require_assistant=require_assistant, max_pixels=max_pixels,
-                         verify=verify, verify_images=verify_images)
 
     def _index(self) -> RecordIndex:
         return index_jsonl(self.path)

@@ -18,12 +18,10 @@ Warnings and errors name the line on which a record starts.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from minivlm.data.file_dataset import JsonRecordDataset, Record, decode_json
 from minivlm.data.json_index import RecordIndex, index_json_array
 from minivlm.data.sample import DataError, checked_llava
-from minivlm.vision import DEFAULT_MAX_PIXELS
 
 
 class LlavaJsonDataset(JsonRecordDataset):
@@ -39,12 +37,8 @@ class LlavaJsonDataset(JsonRecordDataset):
 
     task = "llava"
 
-    def __init__(self, path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None,
-                 strict: bool = False, require_assistant: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 verify: bool = False, verify_images: bool = False) -> None:
-        super().__init__(path, image_root=image_folder if image_folder is not None else Path(path).parent,
-                         strict=strict, require_assistant=require_assistant, max_pixels=max_pixels,
-                         verify=verify, verify_images=verify_images)
+    def __init__(self, path: str | os.PathLike, *, image_folder: str | os.PathLike | None = None, **options) -> None:
+        super().__init__(path, image_root=image_folder, **options)  # LLaVA's name for the media root
 
     def _index(self) -> RecordIndex:
         return index_json_array(self.path)
