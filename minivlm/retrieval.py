@@ -85,15 +85,17 @@ def image_embeddings(model: VisionLanguageModel, pixel_values: Tensor) -> Tensor
     return head.embed_image_features(pooled)
 
 
-def text_embeddings(model: VisionLanguageModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def text_embeddings(model: VisionLanguageModel, input_ids: Tensor, attention_mask: Tensor,
+                    validate: bool = True) -> Tensor:
     """``[N, T]`` right-padded caption ids and mask -> ``[N, E]`` unit-norm embeddings (differentiable).
 
     The decoder is causal, so right padding never reaches a real token's state; the mean runs
-    over real tokens only.
+    over real tokens only. ``validate=False`` skips the model's id checks (host syncs) for ids
+    that come from the tokenizer (:func:`tokenize_texts`).
     """
     head = retrieval_head_of(model)
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
-    hidden = model(input_ids, attention_mask=attention_mask, return_logits=False).hidden  # [N, T, D]
+    hidden = model(input_ids, attention_mask=attention_mask, return_logits=False, validate=validate).hidden  # [N, T, D]
     weights = attention_mask.to(hidden.dtype)[..., None]
     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
     return head.embed_text_features(pooled)
@@ -181,9 +183,11 @@ def rank(queries: Tensor, items: Tensor, k: int | None = None) -> tuple[Tensor, 
 
 # ---- training and evaluation --------------------------------------------------------------------------
 def contrastive_loss(model: VisionLanguageModel, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The head's contrastive loss over a batch of ``B`` matching (image, caption) pairs."""
+    """The head's contrastive loss over a batch of ``B`` matching (image, caption) pairs, whose
+    caption ids come from :func:`tokenize_texts` (so the training step skips the id checks)."""
     head = retrieval_head_of(model)
-    return head.loss(image_embeddings(model, pixel_values), text_embeddings(model, input_ids, attention_mask))
+    return head.loss(image_embeddings(model, pixel_values),
+                     text_embeddings(model, input_ids, attention_mask, validate=False))
 
 
 def image_and_caption(sample: dict[str, Any]) -> tuple[Any, str]:
