@@ -57,7 +57,7 @@ class EncoderConfig:
     embed_dim: int | None = None  # projection after pooling (CLIP's `proj`), bias-free
     feature_layer: int = -1  # which block's output feeds the projector (LLaVA uses -2)
     patch_bias: bool = True
-    stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021)
+    stem: str = "patch"  # patch (one strided conv) | conv (3x3 stride-2 conv stack; Xiao et al. 2021) | hybrid (both, added)
     pos_embed: str = "learned"  # learned | sincos2d (fixed 2-D sin-cos; Beyer et al. 2022)
     pos_index: str = "grid"  # row a patch reads: grid (row-major) | idefics3 (transformers' bucketised coordinates)
     drop_remainder: bool = False  # image_size need not be a multiple of patch_size: the last pixels are unread (SigLIP 384/14)
@@ -360,7 +360,8 @@ def _tiny() -> VLMConfig:
     # "Training: the main job"):
     # - a fixed number of steps and no time budget: the same seed gives the same model on any
     #   machine, however fast or busy;
-    # - a conv stem (shape needs a locality prior the 4-layer ViT cannot learn in minutes);
+    # - a hybrid stem: a conv stack (shape needs a locality prior the 4-layer ViT cannot learn in
+    #   minutes) plus the linear patch path (colour);
     # - all questions about an image in one sequence (the *_grouped views, shared-prefix branches):
     #   ~3x the questions per second of one question per row, and no answer leaks between them;
     # - a curriculum: shape and colour questions (and the synthetic tasks, whose first appearance
@@ -376,7 +377,7 @@ def _tiny() -> VLMConfig:
     synthetic = "shapes_grouped:0.05,charts_grouped:0.15,multi_image_grouped:0.1,video:0.2,retrieval:0.05"
     return VLMConfig(
         name="tiny",
-        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512, stem="conv",
+        encoder=EncoderConfig(image_size=64, patch_size=8, width=128, depth=4, n_heads=4, mlp_dim=512, stem="hybrid",
                               temporal_patch_size=3),
         projector=ProjectorConfig(kind="pixel_shuffle", shuffle_factor=2, depth=2),
         decoder=DecoderConfig(vocab_size=1024, width=192, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=512,

@@ -367,8 +367,12 @@ class VisionLanguageModel(nn.Module):
         if not (d / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{d} is not a minivlm checkpoint: {CONFIG_NAME} is missing")
         config = VLMConfig.from_json(d / CONFIG_NAME)
-        model = cls(config)
         state = load_safetensors(d / WEIGHTS_NAME, device=str(map_location))
+        if config.encoder.stem == "conv" and "encoder.patch_embed.linear.weight" in state:
+            # Saved before `conv` (the stack alone) and `hybrid` (stack + linear path) were told
+            # apart, when `conv` meant the hybrid: the weights say which stem they belong to.
+            config.encoder.stem = "hybrid"
+        model = cls(config)
         model.load_checkpoint_state(state)
         model.retrieval_head = load_head_files(d, model.encoder.embed_dim, config.decoder.width, map_location)
         if load_processor and (d / "processor_config.json").is_file():

@@ -13,6 +13,9 @@ A *grid* (YAML or JSON) names a base preset, the training data, a budget and the
       projector: [linear, mlp, pixel_shuffle, resampler]
       fusion: [splice, cross_attention, prefix]
 
+With ``design: one_at_a_time`` the variants are the base config plus each axis value changed on
+its own (for axes too many to cross); the default ``product`` crosses them all.
+
 Axis keys are anything :func:`minivlm.config.apply_overrides` accepts: a part name sets its kind
 (``projector: [...]``), dotted keys set fields (``encoder.feature_layer: [-1, -2]``,
 ``data.resize: [resize, letterbox]``, ``train.stage: [align, full]``).
@@ -30,12 +33,16 @@ and the message in the results) and the sweep moves on.
 
 Output in ``OUT``: ``runs.csv`` (one row per run), ``results.csv`` and ``results.md`` (one row
 per variant, mean and standard deviation over seeds), ``loss_curves.png``, ``metrics.png``, and
-``grid.json`` + ``base_config.json`` (what the runs were made from; a later invocation with other
-settings is refused rather than mixed in).
+``accuracy_vs_flops.png`` (cost against quality, one point per variant), and ``grid.json`` +
+``base_config.json`` (what the runs were made from; a later invocation with other settings is
+refused rather than mixed in). Tables give the mean ± standard error over seeds, and
+``results.md`` lists as *findings* the differences from the baseline variant that exceed twice
+their standard error (:mod:`~minivlm.ablate.findings`).
 
 One idea per module: :mod:`~minivlm.ablate.grid` (the grid file and its variants),
 :mod:`~minivlm.ablate.run` (running the sweep), :mod:`~minivlm.ablate.results` (collecting runs
-per variant), :mod:`~minivlm.ablate.report` (tables and figures).
+per variant), :mod:`~minivlm.ablate.findings` (what the differences support),
+:mod:`~minivlm.ablate.report` (tables and figures).
 """
 
 from minivlm.ablate.grid import (
@@ -54,6 +61,7 @@ from minivlm.ablate.run import (
     check_output_dir,
     estimate_tokens_per_step,
     log,
+    parse_shard,
     plan_runs,
     run_ablation,
     steps_for_tokens,
@@ -66,6 +74,7 @@ from minivlm.ablate.results import (
     FINAL_LOSS_FRACTION,
     RUN_INFO_FILE,
     RunRecord,
+    SeedStat,
     VariantShape,
     VariantSummary,
     collect,
@@ -77,8 +86,10 @@ from minivlm.ablate.results import (
     run_dir_of,
     variant_shape,
 )
+from minivlm.ablate.findings import FINDING_SE, Comparison, compare, findings_markdown
 from minivlm.ablate.report import (
     MAX_DEFAULT_PANELS,
+    accuracy_vs_flops_figure,
     load_results,
     loss_curves_figure,
     metric_bars_figure,
@@ -88,6 +99,12 @@ from minivlm.ablate.report import (
 
 __all__ = [
     "AblationGrid",
+    "Comparison",
+    "FINDING_SE",
+    "SeedStat",
+    "accuracy_vs_flops_figure",
+    "compare",
+    "findings_markdown",
     "BASE_CONFIG_FILE",
     "DEFAULT_EVAL_LOSS_SAMPLES",
     "ERROR_FILE",
@@ -117,6 +134,7 @@ __all__ = [
     "machine_description",
     "metric_bars_figure",
     "override_value",
+    "parse_shard",
     "plan_runs",
     "read_run",
     "results_markdown",

@@ -15,7 +15,9 @@ from minivlm.config import ConfigError, VLMConfig, apply_overrides, preset
 
 GRID_FILE = "grid.json"
 BASE_CONFIG_FILE = "base_config.json"  # the preset + data + overrides the runs were made from
-_GRID_KEYS = ("name", "base", "data", "steps", "tokens", "eval_limit", "seeds", "overrides", "axes")
+_GRID_KEYS = ("name", "base", "data", "steps", "tokens", "eval_limit", "seeds", "overrides", "axes", "design")
+#: How axes make variants: every combination, or the base plus each value changed on its own.
+DESIGNS = ("product", "one_at_a_time")
 _BUDGET_KEYS = ("base", "data", "steps", "tokens", "eval_limit", "overrides")
 
 
@@ -76,7 +78,11 @@ class AblationGrid:
             recipe), also used for the evaluation loss.
         seeds: the seeds each variant runs with.
         overrides: ``key=value`` assignments applied to every variant before its axes.
-        axes: ordered mapping ``key -> values``; the grid is their Cartesian product.
+        axes: ordered mapping ``key -> values``.
+        design: ``product`` (default): the variants are the axes' Cartesian product.
+            ``one_at_a_time``: the base config (variant ``base``) plus one variant per axis value
+            that differs from the base, every other setting left as the base has it (the design
+            of Karamcheti et al. 2024, "Prismatic VLMs", for axes too many to cross).
     """
 
     name: str
@@ -88,6 +94,7 @@ class AblationGrid:
     seeds: tuple[int, ...] = (0,)
     overrides: tuple[str, ...] = ()
     axes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    design: str = "product"
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -108,6 +115,7 @@ class AblationGrid:
             seeds=_parse_seeds(raw.get("seeds", 1), source),
             overrides=_parse_overrides(raw.get("overrides"), source),
             axes=_parse_axes(raw.get("axes"), source),
+            design=str(raw.get("design", "product")),
         )
         grid.check()
         return grid
@@ -172,6 +180,8 @@ class AblationGrid:
         if self.steps is not None and self.tokens is not None:
             raise GridError(f"grid {self.name!r}: give one budget, steps ({self.steps}) or tokens "
                             f"({self.tokens}), not both")
+        if self.design not in DESIGNS:
+            raise GridError(f"grid {self.name!r}: design must be one of {' | '.join(DESIGNS)}, got {self.design!r}")
         cfg = self.base_config()
         for key, values in self.axes.items():
             for value in values:
@@ -192,9 +202,24 @@ class AblationGrid:
             raise GridError(f"grid {self.name!r}: {err}") from None
 
     def variants(self) -> list[Variant]:
-        """The Cartesian product of the axes, first axis slowest."""
+        """``product``: the Cartesian product of the axes, first axis slowest. ``one_at_a_time``:
+        ``base`` first, then each axis value the base does not already have, in file order."""
         keys = list(self.axes)
-        return [Variant(tuple(zip(keys, values, strict=True))) for values in itertools.product(*self.axes.values())]
+        if self.design == "product":
+            return [Variant(tuple(zip(keys, values, strict=True))) for values in itertools.product(*self.axes.values())]
+        return [Variant(())] + [Variant(((key, value),)) for key, values in self.axes.items() for value in values
+                                if not self._is_base(Variant(((key, value),)))]
+
+    def baseline(self) -> Variant:
+        """The variant every other is compared with: the one whose config is the base config
+        (``base`` in a one-at-a-time grid; e.g. the preset's own projector and fusion in a
+        product grid), else the first variant."""
+        variants = self.variants()
+        return next((v for v in variants if self._is_base(v)), variants[0])
+
+    def _is_base(self, variant: Variant) -> bool:
+        base = self.base_config()
+        return apply_overrides(self.base_config(), variant.overrides()) == base
 
     def variant_config(self, variant: Variant, seed: int) -> VLMConfig:
         """The full config of one run. Raises ConfigError for an invalid combination."""

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from minivlm.ablate.grid import GRID_FILE, AblationGrid, override_value
+from minivlm.ablate.findings import compare, findings_markdown
 from minivlm.ablate.results import (
     FINAL_LOSS_FRACTION,
     RunRecord,
+    SeedStat,
     VariantShape,
     VariantSummary,
     collect,
@@ -32,15 +34,16 @@ MAX_DEFAULT_PANELS = 9
 # ---- reporting --------------------------------------------------------------------------------
 
 
-def _fmt(stat: tuple[float, float] | None, digits: int = 3, n_seeds: int = 1) -> str:
+def _fmt(stat: SeedStat | None, digits: int = 3, n_seeds: int = 1) -> str:
+    """``mean ± standard error`` (the mean alone for a one-seed grid)."""
     if stat is None:
         return "-"
-    mean, std = stat
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n_seeds > 1 else f"{mean:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {stat.se:.{digits}f}" if n_seeds > 1 else f"{stat.mean:.{digits}f}"
 
 
 def write_report(grid: AblationGrid, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``runs.csv``, ``results.csv``, ``results.md``, ``loss_curves.png`` and ``metrics.png``."""
+    """Write ``runs.csv``, ``results.csv``, ``results.md``, ``loss_curves.png``, ``metrics.png``
+    and ``accuracy_vs_flops.png``."""
     out_dir = Path(out_dir)
     summaries = collect(grid, out_dir)
     paths = {
@@ -49,9 +52,13 @@ def write_report(grid: AblationGrid, out_dir: str | Path) -> dict[str, Path]:
         "results_md": out_dir / "results.md",
         "loss_curves": out_dir / "loss_curves.png",
         "metrics": out_dir / "metrics.png",
+        "accuracy_vs_flops": out_dir / "accuracy_vs_flops.png",
     }
     atomic_write_text(paths["results_md"], results_markdown(grid, summaries))
-    for key, figure in (("loss_curves", loss_curves_figure(summaries)), ("metrics", metric_bars_figure(summaries))):
+    figures = (("loss_curves", loss_curves_figure(summaries, title=f"{grid.name}: training loss")),
+               ("metrics", metric_bars_figure(summaries)),
+               ("accuracy_vs_flops", accuracy_vs_flops_figure(summaries, baseline=grid.baseline().name)))
+    for key, figure in figures:
         with atomic_path(paths[key]) as tmp:
             figure.savefig(tmp, dpi=110, format="png")
     return paths
@@ -73,7 +80,7 @@ def _write_runs_csv(summaries: Sequence[VariantSummary], path: Path) -> Path:
 
 def _per_variant_columns(summaries: Sequence[VariantSummary]) -> list[tuple[str, Callable[[RunRecord], float | None]]]:
     columns: list[tuple[str, Callable[[RunRecord], float | None]]] = [
-        ("tokens_per_s", lambda r: r.tokens_per_s),
+        ("tokens_per_s", lambda r: r.tokens_per_s), ("wall_seconds", lambda r: r.info.get("wall_seconds")),
         ("final_train_loss", lambda r: r.final_loss), ("eval_loss", lambda r: r.eval_loss),
     ]
     for name in headline_metrics(summaries) + detail_metrics(summaries):
@@ -86,7 +93,7 @@ def _write_results_csv(grid: AblationGrid, summaries: Sequence[VariantSummary], 
     columns = ["variant", *grid.axes, "params", "flops_per_sample", "image_tokens", "image_seq_len",
                "finished_seeds", "failed_seeds"]
     for name, _ in stats:
-        columns += [f"{name}_mean", f"{name}_std"]
+        columns += [f"{name}_mean", f"{name}_std", f"{name}_se"]
     columns.append("errors")
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -98,7 +105,8 @@ def _write_results_csv(grid: AblationGrid, summaries: Sequence[VariantSummary], 
                                    "errors": " | ".join(s.errors)}
             for name, get in stats:
                 stat = s.stat(get)
-                row[f"{name}_mean"], row[f"{name}_std"] = stat if stat else (None, None)
+                row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_se"] = \
+                    (stat.mean, stat.std, stat.se) if stat else (None, None, None)
             writer.writerow(row)
     return path
 
@@ -116,20 +124,22 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
         f"seeds {list(grid.seeds)}, eval limit {grid.eval_limit or 'full test split'}",
         f"- fixed overrides: {', '.join(f'`{o}`' for o in grid.overrides) or 'none'}",
         "- GFLOP/sample: forward FLOPs of one image + 64 text tokens (`minivlm summary`); "
-        "tok/s: median training step rate; train loss: mean logged loss over the last "
-        f"{FINAL_LOSS_FRACTION:.0%} of steps; eval loss: teacher-forced loss per answer token on the test samples"
-        + ("; values are mean ± std over seeds" if n_seeds > 1 else ""),
+        "tok/s: median training step rate; wall s: one run, training and evaluation; train loss: mean logged "
+        f"loss over the last {FINAL_LOSS_FRACTION:.0%} of steps; eval loss: teacher-forced loss per answer token "
+        "on the test samples" + ("; values are mean ± standard error over seeds" if n_seeds > 1 else ""),
         "",
     ]
     headline = headline_metrics(summaries)
-    axes = list(grid.axes) or ["variant"]
-    header = [*axes, "params", "GFLOP/sample", "image tokens", "tok/s", "train loss", "eval loss", *headline, "runs"]
+    axes = _axis_columns(grid)
+    header = [*axes, "params", "GFLOP/sample", "image tokens", "tok/s", "wall s", "train loss", "eval loss",
+              *headline, "runs"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for s in summaries:
-        cells = [override_value(v) for _, v in s.variant.settings] or ["base"]
+        cells = _axis_cells(grid, s)
         cells += [
             *(_shape_cells(s.shape) if s.shape else ["-"] * 3),
             _fmt(s.stat(lambda r: r.tokens_per_s), 0, n_seeds),
+            _fmt(s.stat(lambda r: r.info.get("wall_seconds")), 0, n_seeds),
             _fmt(s.stat(lambda r: r.final_loss), 3, n_seeds),
             _fmt(s.stat(lambda r: r.eval_loss), 3, n_seeds),
             *[_fmt(s.stat(lambda r, m=m: r.metrics.get(m)), 3, n_seeds) for m in headline],
@@ -141,13 +151,29 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
         lines += ["", "Per question type:", "", "| " + " | ".join([*axes, *detail]) + " |",
                   "|" + "|".join("---" for _ in [*axes, *detail]) + "|"]
         for s in summaries:
-            cells = [override_value(v) for _, v in s.variant.settings] or ["base"]
+            cells = _axis_cells(grid, s)
             cells += [_fmt(s.stat(lambda r, m=m: r.metrics.get(m)), 3, n_seeds) for m in detail]
             lines.append("| " + " | ".join(cells) + " |")
+    baseline = grid.baseline()
+    lines += ["", *findings_markdown(compare(summaries, baseline.name, [*headline, *detail, "eval_loss"]),
+                                     baseline.label)]
     failures = [(s.variant.name, e) for s in summaries for e in s.errors]
     if failures:
         lines += ["", "Failed runs:", ""] + [f"- `{name}`: {error}" for name, error in failures]
     return "\n".join(lines) + "\n"
+
+
+def _axis_columns(grid: AblationGrid) -> list[str]:
+    """The table's first columns: one per axis, or one naming the change in a one-at-a-time grid."""
+    if grid.design == "one_at_a_time":
+        return ["change"]
+    return list(grid.axes) or ["variant"]
+
+
+def _axis_cells(grid: AblationGrid, s: VariantSummary) -> list[str]:
+    if grid.design == "one_at_a_time":
+        return [", ".join(f"{k}={override_value(v)}" for k, v in s.variant.settings) or "base"]
+    return [override_value(v) for _, v in s.variant.settings] or ["base"]
 
 
 def _shape_cells(shape: VariantShape) -> list[str]:
@@ -187,7 +213,7 @@ def _smoothed_mean_curve(runs: Sequence[RunRecord]) -> tuple[list[int], list[flo
     return common, moving_mean(mean, max(1, len(mean) // 20))
 
 
-def loss_curves_figure(summaries: Sequence[VariantSummary]):
+def loss_curves_figure(summaries: Sequence[VariantSummary], title: str = "training loss"):
     """Overlaid training-loss curves, one per variant (mean over seeds, lightly smoothed).
 
     Returns a matplotlib ``Figure`` (no pyplot state: safe in scripts, tests and notebooks).
@@ -202,7 +228,7 @@ def loss_curves_figure(summaries: Sequence[VariantSummary]):
         if runs:
             steps, losses = _smoothed_mean_curve(runs)
             ax.plot(steps, losses, color=color, label=s.variant.label, linewidth=1.5)
-    ax.set(xlabel="step", ylabel="training loss (per supervised token)", title="training loss")
+    ax.set(xlabel="step", ylabel="training loss (per supervised token)", title=title)
     if ax.lines:
         ax.set_yscale("log")
         for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
@@ -215,7 +241,7 @@ def loss_curves_figure(summaries: Sequence[VariantSummary]):
 
 
 def metric_bars_figure(summaries: Sequence[VariantSummary], metrics: Sequence[str] | None = None):
-    """One horizontal bar chart per metric, error bars = std over seeds; returns a ``Figure``.
+    """One horizontal bar chart per metric, error bars = standard error over seeds; returns a ``Figure``.
 
     ``metrics`` defaults to every metric plus ``eval_loss`` when that makes at most
     :data:`MAX_DEFAULT_PANELS` panels (per-question-type accuracy is where a blind model shows),
@@ -236,8 +262,8 @@ def metric_bars_figure(summaries: Sequence[VariantSummary], metrics: Sequence[st
         ax = fig.add_subplot(rows, cols, i + 1)
         get = (lambda r: r.eval_loss) if name == "eval_loss" else (lambda r, m=name: r.metrics.get(m))
         stats = [s.stat(get) for s in summaries]
-        means = [st[0] if st else 0.0 for st in stats]
-        errors = [st[1] if st else 0.0 for st in stats]
+        means = [st.mean if st else 0.0 for st in stats]
+        errors = [st.se if st else 0.0 for st in stats]
         ax.barh(range(len(summaries)), means, xerr=errors, color=colors, capsize=3)
         if name != "eval_loss":  # accuracies on a common 0..1 scale; CIDEr may exceed 1
             ax.set_xlim(0, max([1.0] + [m + e for m, e in zip(means, errors, strict=True)]))
@@ -250,6 +276,47 @@ def metric_bars_figure(summaries: Sequence[VariantSummary], metrics: Sequence[st
     if not names:
         fig.add_subplot().text(0.5, 0.5, "no finished runs yet", ha="center", va="center")
     fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_flops_figure(summaries: Sequence[VariantSummary], metrics: Sequence[str] | None = None,
+                             baseline: str | None = None):
+    """Cost against quality: one panel per accuracy metric, one point per variant at its forward
+    GFLOP per sample, error bars = standard error over seeds; the baseline drawn as a ring.
+
+    ``metrics`` defaults to each task's overall accuracy. Returns a matplotlib ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    if metrics is None:
+        metrics = [m for m in headline_metrics(summaries) if m.endswith("/accuracy")]
+    names = list(metrics)
+    cols = min(3, max(1, len(names)))
+    rows = math.ceil(len(names) / cols) if names else 1
+    fig = Figure(figsize=(4.6 * cols, 3.8 * rows))
+    colors = _colors(len(summaries))
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for color, s in zip(colors, summaries, strict=True):
+            stat = s.stat(lambda r, m=name: r.metrics.get(m))
+            if stat is None or s.shape is None:
+                continue
+            x = s.shape.flops_per_sample / 1e9
+            ring = s.variant.name == baseline
+            ax.errorbar(x, stat.mean, yerr=stat.se, fmt="o", color=color, capsize=3, markersize=7,
+                        markerfacecolor="white" if ring else color, label=s.variant.label + (" (baseline)" if ring else ""))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("forward GFLOP / sample", fontsize=8)
+        ax.set_ylabel("accuracy (mean ± SE)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if names and fig.axes[0].lines:
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4) / rows, 1, 1))
+    else:
+        ax = fig.axes[0] if fig.axes else fig.add_subplot()
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
     return fig
 
 

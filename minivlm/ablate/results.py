@@ -11,7 +11,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -121,6 +121,22 @@ def variant_shape(cfg: VLMConfig, text_tokens: int = 64) -> VariantShape:
                         image_tokens(cfg), image_seq_len(cfg))
 
 
+class SeedStat(NamedTuple):
+    """A number over seeds: ``mean``, sample ``std`` (0 for one seed) and ``n`` seeds.
+
+    ``se`` is the standard error of the mean, ``std / sqrt(n)``: the error bar of the tables and
+    plots, since the question is how well the mean is known, not how much one seed varies.
+    """
+
+    mean: float
+    std: float
+    n: int
+
+    @property
+    def se(self) -> float:
+        return self.std / math.sqrt(self.n)
+
+
 @dataclass
 class VariantSummary:
     """One row of ``results.md``: a variant's shape (None when its config is invalid) and its runs."""
@@ -137,12 +153,12 @@ class VariantSummary:
     def errors(self) -> list[str]:
         return [r.error for r in self.runs if r.status == "failed"]
 
-    def stat(self, get: Callable[[RunRecord], float | None]) -> tuple[float, float] | None:
-        """``(mean, std)`` of a per-run number over finished seeds (std 0 with one seed)."""
+    def stat(self, get: Callable[[RunRecord], float | None]) -> SeedStat | None:
+        """Mean, sample standard deviation and count of a per-run number over finished seeds."""
         values = [v for v in (get(r) for r in self.finished) if v is not None and math.isfinite(v)]
         if not values:
             return None
-        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return SeedStat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
 
 
 def collect(grid: AblationGrid, out_dir: str | Path) -> list[VariantSummary]:

@@ -126,12 +126,16 @@ class PlannedRun:
 
 
 def plan_runs(grid: AblationGrid, out_dir: str | Path) -> list[PlannedRun]:
-    """Every (variant, seed) run with its config; invalid variants carry their error instead."""
+    """Every (variant, seed) run with its config; invalid variants carry their error instead.
+
+    Seed-major: every variant's first seed, then every variant's second, and so on, so a sweep
+    stopped part-way already has a whole table (one seed) rather than a few variants with all.
+    """
     out_dir = Path(out_dir)
     tokenizers: dict = {}
     plans = []
-    for variant in grid.variants():
-        for seed in grid.seeds:
+    for seed in grid.seeds:
+        for variant in grid.variants():
             run_dir = run_dir_of(out_dir, variant, seed)
             try:
                 cfg = grid.variant_config(variant, seed)
@@ -157,8 +161,20 @@ class SweepOutcome:
     reports: dict[str, Path]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; raises GridError naming the form expected."""
+    index, sep, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        shard = (-1, 0)
+    if not sep or not 0 <= shard[0] < shard[1]:
+        raise GridError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/2 and 1/2 for two processes")
+    return shard
+
+
 def run_ablation(grid: AblationGrid, out_dir: str | Path,
-                 runner: Callable[..., Any] | None = None) -> SweepOutcome:
+                 runner: Callable[..., Any] | None = None, shard: tuple[int, int] = (0, 1)) -> SweepOutcome:
     """Train and evaluate every pending run of ``grid`` into ``out_dir``, then write the report.
 
     Args:
@@ -167,6 +183,10 @@ def run_ablation(grid: AblationGrid, out_dir: str | Path,
         runner: the function that trains one run, ``runner(cfg, run_dir, resume=True,
             eval_limit=..., progress=False) -> RunOutputs``; :func:`minivlm.train.recipe.run` by
             default (tests substitute a failing one).
+        shard: ``(i, n)``: run only the plan's runs ``i, i + n, i + 2n, ...``, so ``n`` processes
+            started with ``0..n-1`` share one sweep without running anything twice (e.g. two
+            single-threaded processes on a 2-core machine). Each writes the report of every run
+            finished so far when it ends.
 
     Raises:
         GridError: ``out_dir`` holds runs made with other budget settings.
@@ -179,7 +199,8 @@ def run_ablation(grid: AblationGrid, out_dir: str | Path,
     check_output_dir(grid, out_dir)
     atomic_write_json(out_dir / GRID_FILE, grid.to_dict())
     atomic_write_text(out_dir / BASE_CONFIG_FILE, grid.base_config().to_json() + "\n")
-    plans = plan_runs(grid, out_dir)
+    first, every = shard
+    plans = plan_runs(grid, out_dir)[first::every]
     ran, skipped, failed, interrupted = [], [], {}, False
     for index, plan in enumerate(plans, start=1):
         tag = f"{plan.variant.name}/seed_{plan.seed}"

@@ -19,26 +19,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="add or replace an axis, e.g. --grid encoder.feature_layer=-1,-2 (repeatable)")
     p.add_argument("--steps", type=int, help="step budget (replaces the grid's steps or tokens)")
     p.add_argument("--eval-limit", type=int, help="test samples per task (replaces the grid's eval_limit)")
+    p.add_argument("--shard", metavar="I/N", default="0/1",
+                   help="run every N-th run starting at the I-th, so N processes share the sweep "
+                        "(e.g. --shard 0/2 and --shard 1/2 side by side on 2 cores)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
     p.set_defaults(func=cmd_ablate)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from minivlm.ablate import AblationGrid, is_finished, plan_runs, run_ablation
+    from minivlm.ablate import AblationGrid, is_finished, parse_shard, plan_runs, run_ablation
 
+    first, every = shard = parse_shard(args.shard)
     grid = AblationGrid.load(args.grid_file).with_axes(args.grid).with_budget(args.steps, args.eval_limit)
     if args.seeds is not None:
         grid = grid.with_seeds(args.seeds)
     out_dir = Path(args.out) if args.out else Path("runs") / "ablations" / grid.name
     if args.dry_run:
-        plans = plan_runs(grid, out_dir)
-        print(f"grid {grid.name}: {len(grid.variants())} variants x {len(grid.seeds)} seeds -> {out_dir}")
+        plans = plan_runs(grid, out_dir)[first::every]
+        print(f"grid {grid.name}: {len(grid.variants())} variants x {len(grid.seeds)} seeds -> {out_dir}"
+              + (f" (shard {first}/{every}: {len(plans)} runs)" if every > 1 else ""))
         for plan in plans:
             state = ("finished" if is_finished(plan.run_dir) else
                      f"invalid: {plan.error}" if plan.config is None else f"to run, {plan.config.train.steps} steps")
             print(f"  {plan.variant.name}/seed_{plan.seed}: {state}")
         return 0
-    outcome = run_ablation(grid, out_dir)
+    outcome = run_ablation(grid, out_dir, shard=shard)
     print(outcome.reports["results_md"].read_text())
     print(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, {len(outcome.failed)} failed")
     for tag, error in outcome.failed.items():

@@ -93,14 +93,15 @@ class ConvStem(nn.Module):
     Better"): log2(patch) 3x3 stride-2 convolutions with GELU, then a 1x1 projection to the width.
 
     Same output grid as the strided patch conv, but with a locality prior that small from-scratch
-    encoders otherwise need far more data to learn (e.g. telling a triangle from a circle). A
-    plain linear patch projection runs beside the stack and is added: the GELU stack learns edges
-    and shapes, the linear path keeps colour (measured on easy-VQA: the stack alone learned shape
-    questions but lagged the plain patch embedding on colour questions).
+    encoders otherwise need far more data to learn (e.g. telling a triangle from a circle).
+    ``linear_path=True`` is the ``hybrid`` stem: the plain linear patch projection of ViT runs
+    beside the stack and is added, so the GELU stack learns edges and shapes while the linear path
+    keeps colour (on easy-VQA the stack alone learned shape questions but lagged the plain patch
+    embedding on colour; ``benchmarks/ablations/encoder.yaml`` compares the three stems).
     ``[N, C, H, W] -> [N, D, H / patch, W / patch]``.
     """
 
-    def __init__(self, in_channels: int, width: int, patch_size: int):
+    def __init__(self, in_channels: int, width: int, patch_size: int, linear_path: bool = True):
         super().__init__()
         n = patch_size.bit_length() - 1
         chans = [in_channels] + [max(16, width >> (n - i)) for i in range(n)]
@@ -109,7 +110,7 @@ class ConvStem(nn.Module):
             layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GELU()]
         layers.append(nn.Conv2d(chans[-1], width, 1))
         self.layers = nn.Sequential(*layers)
-        self.linear = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.linear = nn.Conv2d(in_channels, width, patch_size, stride=patch_size) if linear_path else None
         # He initialisation keeps unit activation scale through the GELU stack; PyTorch's default
         # shrinks it ~2x per layer, leaving patch features below the position embeddings.
         for conv in self.layers[:-1:2]:
@@ -119,7 +120,8 @@ class ConvStem(nn.Module):
         nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x) + self.linear(x)
+        out = self.layers(x)
+        return out + self.linear(x) if self.linear is not None else out
 
 
 def mean_and_differences(pixels: Tensor, frames: int) -> Tensor:
@@ -207,8 +209,8 @@ class VisionTransformer(nn.Module):
         cfg = config.encoder if isinstance(config, VLMConfig) else config
         self.cfg = cfg
         D = cfg.width
-        if cfg.stem == "conv":
-            self.patch_embed = ConvStem(cfg.pixel_channels, D, cfg.patch_size)
+        if cfg.stem in ("conv", "hybrid"):
+            self.patch_embed = ConvStem(cfg.pixel_channels, D, cfg.patch_size, linear_path=cfg.stem == "hybrid")
         else:
             self.patch_embed = nn.Conv2d(cfg.pixel_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
         self.n_prefix = 1 if cfg.class_token else 0
@@ -239,9 +241,9 @@ class VisionTransformer(nn.Module):
                 f"{e.feature_layer} is outside [-{e.depth}, {e.depth - 1}] for depth {e.depth}")
         require(e.activation in ("gelu", "gelu_tanh", "quick_gelu"), "encoder.activation",
                 f"expected gelu | gelu_tanh | quick_gelu, got {e.activation!r}")
-        require(e.stem in ("patch", "conv"), "encoder.stem", f"expected patch | conv, got {e.stem!r}")
-        require(e.stem != "conv" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
-                f"the conv stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
+        require(e.stem in ("patch", "conv", "hybrid"), "encoder.stem", f"expected patch | conv | hybrid, got {e.stem!r}")
+        require(e.stem == "patch" or (e.patch_size & (e.patch_size - 1)) == 0, "encoder.stem",
+                f"the {e.stem} stem halves the resolution per layer, so patch_size must be a power of 2; got {e.patch_size}")
         require(e.temporal_input in ("frames", "differences"), "encoder.temporal_input",
                 f"expected frames | differences, got {e.temporal_input!r}")
         require(e.pos_embed in ("learned", "sincos2d"), "encoder.pos_embed",

@@ -283,7 +283,7 @@ def fake_run(run_dir, accuracy: float, losses: list[float], rate: float) -> None
     (run_dir / "eval_loss.json").write_text(json.dumps({"eval_loss": 2 * accuracy}))
 
 
-def test_results_are_mean_and_std_over_seeds(tmp_path):
+def test_results_are_mean_std_and_standard_error_over_seeds(tmp_path):
     grid = AblationGrid.from_dict(micro_grid(seeds=2, steps=10))
     for seed, accuracy in ((0, 0.2), (1, 0.4)):
         fake_run(tmp_path / "projector=linear" / f"seed_{seed}", accuracy, [3.0] * 9 + [1.0 + seed], 100.0 + seed)
@@ -293,6 +293,7 @@ def test_results_are_mean_and_std_over_seeds(tmp_path):
     linear = rows["projector=linear"]
     assert float(linear["shapes/accuracy_mean"]) == pytest.approx(0.3)
     assert float(linear["shapes/accuracy_std"]) == pytest.approx(0.1414, abs=1e-4)
+    assert float(linear["shapes/accuracy_se"]) == pytest.approx(0.1)  # std / sqrt(2 seeds)
     assert float(linear["final_train_loss_mean"]) == pytest.approx(1.5)  # the last 10% of 10 steps
     assert float(linear["tokens_per_s_mean"]) == pytest.approx(100.5)
     assert float(linear["eval_loss_mean"]) == pytest.approx(0.6)
@@ -300,7 +301,8 @@ def test_results_are_mean_and_std_over_seeds(tmp_path):
     assert (shuffle["finished_seeds"], shuffle["shapes/accuracy_std"]) == ("1", "0.0")
     md = paths["results_md"].read_text()
     assert "- runs: not recorded" in md  # these runs carry no run_info.json
-    assert "| linear |" in md and "0.300 ± 0.141" in md and "| 2/2 |" in md and "| 1/2 |" in md
+    assert "| linear |" in md and "0.300 ± 0.100" in md and "| 2/2 |" in md and "| 1/2 |" in md
+    assert "mean ± standard error over seeds" in md
     assert "Per question type:" in md and "shapes/count" in md
 
 
@@ -314,3 +316,40 @@ def test_load_results_reads_a_result_directory(tmp_path):
     assert [r.status for r in summaries[1].runs] == ["pending"]
     with pytest.raises(FileNotFoundError, match="not an ablation result directory"):
         ablate.load_results(tmp_path / "projector=linear")
+
+
+# ---- sharing a sweep between processes ------------------------------------------------------------
+
+
+def test_runs_go_seed_by_seed_so_a_stopped_sweep_has_a_whole_table(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2))
+    assert [(p.variant.name, p.seed) for p in plan_runs(grid, tmp_path)] == [
+        ("projector=linear", 0), ("projector=pixel_shuffle", 0), ("projector=linear", 1), ("projector=pixel_shuffle", 1)]
+
+
+def test_shards_split_the_runs_without_overlap(tmp_path, capsys):
+    grid_file = write_grid(tmp_path / "micro.yaml", micro_grid(seeds=3))
+    listed = []
+    for shard in ("0/2", "1/2"):
+        assert main(["ablate", str(grid_file), "--out", str(tmp_path / "out"), "--shard", shard, "--dry-run"]) == 0
+        listed.append(re.findall(r"  (\S+): to run", capsys.readouterr().out))
+    assert len(listed[0]) == 3 and len(listed[1]) == 3 and not set(listed[0]) & set(listed[1])
+    assert set(listed[0]) | set(listed[1]) == {f"projector={p}/seed_{s}" for p in ("linear", "pixel_shuffle")
+                                               for s in range(3)}
+
+
+def test_two_shards_finish_the_sweep_together(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(steps=2))
+    first = run_ablation(grid, tmp_path, shard=(0, 2))
+    assert first.ran == ["projector=linear/seed_0"]
+    second = run_ablation(grid, tmp_path, shard=(1, 2))
+    assert second.ran == ["projector=pixel_shuffle/seed_0"]
+    assert "| 1/1 |" in second.reports["results_md"].read_text().split("| pixel_shuffle |")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "3/2", "0/0"])
+def test_a_bad_shard_is_refused_in_one_line(tmp_path, capsys, text):
+    grid_file = write_grid(tmp_path / "micro.yaml", micro_grid())
+    assert main(["ablate", str(grid_file), "--shard", text, "--dry-run"]) != 0
+    err = capsys.readouterr().err
+    assert f"--shard {text!r}: expected I/N with 0 <= I < N" in err and "Traceback" not in err

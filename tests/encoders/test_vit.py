@@ -105,7 +105,7 @@ def test_mean_and_differences_is_an_invertible_change_of_basis():
     torch.testing.assert_close(first, frames[:, 0], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("stem", ["patch", "conv"])
+@pytest.mark.parametrize("stem", ["patch", "conv", "hybrid"])
 def test_with_differences_a_still_is_one_frame_in_value_and_in_gradient(stem):
     torch.manual_seed(0)
     flat, deep = small(stem=stem), small(stem=stem, temporal_patch_size=3, temporal_input="differences")
@@ -118,18 +118,50 @@ def test_with_differences_a_still_is_one_frame_in_value_and_in_gradient(stem):
     out = deep(x.repeat(1, 3, 1, 1))
     torch.testing.assert_close(out, flat(x), atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
-    kernel = deep.patch_embed.weight if stem == "patch" else deep.patch_embed.linear.weight
-    assert kernel.grad[:, :3].abs().sum() > 0 and kernel.grad[:, 3:].abs().sum() == 0
+    stem_module = deep.patch_embed
+    pixel_readers = [stem_module] if stem == "patch" else [stem_module.layers[0], stem_module.linear]
+    for kernel in (m.weight for m in pixel_readers if m is not None):
+        assert kernel.grad[:, :3].abs().sum() > 0 and kernel.grad[:, 3:].abs().sum() == 0
     with pytest.raises(ConfigError, match="encoder.temporal_input: expected frames | differences"):
         validate_config(preset("tiny").override("encoder.temporal_input=delta"))
 
 
-def test_conv_stem_keeps_the_patch_grid_and_unit_scale():
-    enc = small(stem="conv")
+@pytest.mark.parametrize("stem", ["conv", "hybrid"])
+def test_conv_stems_keep_the_patch_grid_and_unit_scale(stem):
+    enc = small(stem=stem)
     x = torch.randn(4, 3, 32, 32)
     assert enc.patch_embed(x).shape == (4, 32, 4, 4)
     assert 0.3 < enc.patch_embed(x).std().item() < 3.0  # He init: patch features above pos-embed scale
     assert enc(x).shape == (4, 16, 32)
+
+
+def test_the_hybrid_stem_is_the_conv_stack_plus_the_linear_patch_path():
+    torch.manual_seed(0)
+    conv, hybrid = small(stem="conv"), small(stem="hybrid")
+    assert conv.patch_embed.linear is None  # the stack alone: no linear path
+    conv.load_state_dict({k: v for k, v in hybrid.state_dict().items() if ".linear." not in k})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(hybrid.patch_embed(x), conv.patch_embed(x) + hybrid.patch_embed.linear(x))
+
+
+def test_a_model_saved_when_conv_meant_hybrid_loads_as_hybrid(tmp_path):
+    import json
+
+    from minivlm import preset
+    from minivlm.model import VisionLanguageModel
+    from tests.tinykit import TINY_PARTS
+
+    cfg = preset("tiny").override(*TINY_PARTS, "encoder.image_size=32", "encoder.patch_size=8", "encoder.stem=hybrid")
+    model = VisionLanguageModel(cfg)
+    model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    saved["encoder"]["stem"] = "conv"  # as written before the two stems were told apart
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "m", load_processor=False).eval()
+    model.eval()
+    assert loaded.config.encoder.stem == "hybrid"
+    x = torch.rand(1, cfg.encoder.pixel_channels, cfg.encoder.image_size, cfg.encoder.image_size)
+    torch.testing.assert_close(loaded.encoder(x), model.encoder(x))
 
 
 def test_conv_stem_needs_a_power_of_two_patch():

@@ -1,0 +1,100 @@
+"""Which differences between variants an ablation can claim: each variant against the grid's
+baseline, per metric, with the standard error of the difference.
+
+A difference of means over seeds is a *finding* when it exceeds twice its standard error,
+``|mean_v - mean_b| > 2 * sqrt(se_v**2 + se_b**2)`` (roughly a 95% interval that excludes
+zero), and both sides have at least two finished seeds. The two standard errors are combined as
+for independent samples, which is conservative here: runs of one seed share their data order
+and initial RNG state, so their differences vary less than independent runs would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from minivlm.ablate.results import RunRecord, SeedStat, VariantSummary
+
+
+#: A difference counts as a finding above this many standard errors.
+FINDING_SE = 2.0
+#: Fewest finished seeds on each side before a difference can be called a finding.
+MIN_SEEDS = 2
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One variant against the baseline on one metric; ``delta = variant - baseline``."""
+
+    variant: str
+    metric: str
+    variant_stat: SeedStat
+    baseline_stat: SeedStat
+
+    @property
+    def delta(self) -> float:
+        return self.variant_stat.mean - self.baseline_stat.mean
+
+    @property
+    def se(self) -> float:
+        return math.hypot(self.variant_stat.se, self.baseline_stat.se)
+
+    @property
+    def is_finding(self) -> bool:
+        if min(self.variant_stat.n, self.baseline_stat.n) < MIN_SEEDS:
+            return False
+        return abs(self.delta) > FINDING_SE * self.se
+
+    @property
+    def standard_errors(self) -> float:
+        """``|delta| / se``; infinite when the seeds agree exactly on different means."""
+        if self.se == 0:
+            return math.inf if self.delta else 0.0
+        return abs(self.delta) / self.se
+
+
+def metric_value(run: RunRecord, metric: str) -> float | None:
+    """A run's value of ``metric``: an evaluation metric, or ``eval_loss``."""
+    return run.eval_loss if metric == "eval_loss" else run.metrics.get(metric)
+
+
+def compare(summaries: Sequence[VariantSummary], baseline: str, metrics: Sequence[str]) -> list[Comparison]:
+    """Every other variant against ``baseline`` (a variant name) on each metric both measured."""
+    base = next((s for s in summaries if s.variant.name == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is not one of the variants {[s.variant.name for s in summaries]}")
+    out = []
+    for s in summaries:
+        if s is base:
+            continue
+        for metric in metrics:
+            mine = s.stat(lambda r, m=metric: metric_value(r, m))
+            theirs = base.stat(lambda r, m=metric: metric_value(r, m))
+            if mine is not None and theirs is not None:
+                out.append(Comparison(s.variant.label, metric, mine, theirs))
+    return out
+
+
+def findings_markdown(comparisons: Sequence[Comparison], baseline_label: str) -> list[str]:
+    """The report's findings section: each difference beyond 2 SE, largest first, then a count
+    of those that are not."""
+    lines = ["## Findings", "",
+             f"Each variant against the baseline `{baseline_label}`: difference of means ± its standard "
+             f"error; listed when it exceeds {FINDING_SE:g} standard errors with >= {MIN_SEEDS} seeds on each side.", ""]
+    found = sorted((c for c in comparisons if c.is_finding), key=lambda c: -c.standard_errors)
+    if not comparisons:
+        return lines + ["No variant has results to compare with the baseline yet."]
+    if not found:
+        lines.append(f"None: no difference among the {len(comparisons)} compared exceeds {FINDING_SE:g} standard errors.")
+    for c in found:
+        lines.append(f"- `{c.variant}`: {c.metric} {c.variant_stat.mean:.3f} vs {c.baseline_stat.mean:.3f} "
+                     f"({c.delta:+.3f} ± {c.se:.3f}, {_times(c.standard_errors)} SE)")
+    rest = len(comparisons) - len(found)
+    if found and rest:
+        lines += ["", f"The other {rest} differences are within {FINDING_SE:g} standard errors: not findings."]
+    return lines
+
+
+def _times(n: float) -> str:
+    return "inf" if math.isinf(n) else f"{n:.1f}"

@@ -1,0 +1,141 @@
+"""What an ablation may claim: one-at-a-time grids, the baseline each variant is compared with,
+differences beyond two standard errors called findings, and the cost-against-quality figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from minivlm.ablate import AblationGrid, GridError, Variant, collect, compare, results_markdown, write_report
+from minivlm.ablate.findings import Comparison, findings_markdown
+from minivlm.ablate.results import SeedStat
+from tests.ablate.test_ablate import MICRO, fake_run, micro_grid
+
+
+# ---- one-at-a-time grids and the baseline ----------------------------------------------------------
+
+
+def test_one_at_a_time_is_the_base_plus_each_value_changed_alone():
+    overrides = {**MICRO, "encoder.patch_size": 8}  # the conv stems halve the resolution per layer
+    grid = AblationGrid.from_dict(micro_grid(design="one_at_a_time", overrides=overrides, axes={
+        "encoder.stem": ["patch", "conv", "hybrid"],  # patch is the base's (MICRO) stem: no variant of its own
+        "train.loss_weighting": ["token", "square"],  # the preset's is square
+    }))
+    assert [v.name for v in grid.variants()] == [
+        "base", "encoder.stem=conv", "encoder.stem=hybrid", "train.loss_weighting=token"]
+    assert grid.baseline() == Variant(())
+    cfg = grid.variant_config(grid.variants()[1], seed=0)
+    assert (cfg.encoder.stem, cfg.train.loss_weighting) == ("conv", "square")  # the other axis stays at the base
+
+
+def test_a_product_grid_compares_with_the_variant_that_is_the_base_config():
+    grid = AblationGrid.from_dict(micro_grid(axes={"projector": ["linear", "pixel_shuffle"],
+                                                   "fusion": ["cross_attention", "splice"]}))
+    assert grid.baseline().name == "projector=pixel_shuffle__fusion=splice"  # tiny's own projector and fusion
+    other = AblationGrid.from_dict(micro_grid(axes={"projector": ["linear", "mlp"]}))
+    assert other.baseline().name == "projector=linear"  # no variant is the base: the first one
+
+
+def test_an_unknown_design_is_refused_naming_the_choices():
+    with pytest.raises(GridError, match="design must be one of product | one_at_a_time, got 'latin_square'"):
+        AblationGrid.from_dict(micro_grid(design="latin_square"))
+
+
+# ---- findings --------------------------------------------------------------------------------------
+
+
+def comparison(variant: tuple[float, float, int], baseline: tuple[float, float, int]) -> Comparison:
+    return Comparison("v", "easy_vqa/accuracy", SeedStat(*variant), SeedStat(*baseline))
+
+
+@pytest.mark.parametrize("variant, baseline, finding", [
+    ((0.90, 0.01, 3), (0.80, 0.01, 3), True),    # 0.10 apart, SE of the difference 0.008
+    ((0.81, 0.01, 3), (0.80, 0.01, 3), False),   # 0.01 apart: 1.2 SE
+    ((0.90, 0.05, 3), (0.80, 0.05, 3), True),    # 0.10 vs 2 x 0.041
+    ((0.90, 0.10, 3), (0.80, 0.10, 3), False),   # 0.10 vs 2 x 0.082
+    ((0.90, 0.00, 1), (0.80, 0.00, 3), False),   # one seed: no standard error, no claim
+])
+def test_a_difference_is_a_finding_only_beyond_two_standard_errors(variant, baseline, finding):
+    c = comparison(variant, baseline)
+    se = math.hypot(variant[1] / math.sqrt(variant[2]), baseline[1] / math.sqrt(baseline[2]))
+    assert c.delta == pytest.approx(variant[0] - baseline[0])
+    assert c.se == pytest.approx(se)
+    assert c.is_finding is finding
+
+
+def test_identical_seeds_on_different_means_are_infinitely_many_standard_errors():
+    c = comparison((0.9, 0.0, 3), (0.8, 0.0, 3))
+    assert c.is_finding and math.isinf(c.standard_errors)
+    assert "inf SE" in "\n".join(findings_markdown([c], "base"))
+
+
+def write_seeds(out_dir, variant: str, accuracies: list[float]) -> None:
+    for seed, accuracy in enumerate(accuracies):
+        fake_run(out_dir / variant / f"seed_{seed}", accuracy, [2.0, 1.0], 10.0)
+
+
+def test_the_report_lists_each_finding_and_only_those(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=3, axes={"projector": ["linear", "mlp", "pixel_shuffle"]}))
+    write_seeds(tmp_path, "projector=pixel_shuffle", [0.50, 0.52, 0.54])  # the baseline (tiny's projector)
+    write_seeds(tmp_path, "projector=linear", [0.70, 0.72, 0.74])        # +0.20, SE 0.016: a finding
+    write_seeds(tmp_path, "projector=mlp", [0.40, 0.56, 0.66])           # -0.01, SE 0.077: not one
+    summaries = collect(grid, tmp_path)
+    comparisons = compare(summaries, grid.baseline().name, ["shapes/accuracy"])
+    assert [(c.variant, c.is_finding) for c in comparisons] == [("linear", True), ("mlp", False)]
+    md = results_markdown(grid, summaries)
+    findings = md[md.index("## Findings"):]
+    assert "against the baseline `pixel_shuffle`" in findings
+    assert "- `linear`: shapes/accuracy 0.720 vs 0.520 (+0.200 ± 0.016, 12.2 SE)" in findings
+    assert "`mlp`: shapes/accuracy" not in findings
+    assert "0.720 ± 0.012" in md  # the table's error is the standard error: 0.02 / sqrt(3)
+
+
+def test_the_report_says_when_nothing_is_a_finding(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2))
+    write_seeds(tmp_path, "projector=pixel_shuffle", [0.5, 0.6])
+    write_seeds(tmp_path, "projector=linear", [0.55, 0.65])
+    md = results_markdown(grid, collect(grid, tmp_path))
+    assert "None: no difference among the 3 compared exceeds 2 standard errors." in md  # 2 metrics + eval loss
+
+
+def test_comparing_with_a_baseline_that_is_not_a_variant_is_refused(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid())
+    with pytest.raises(ValueError, match="baseline 'projector=mlp' is not one of the variants"):
+        compare(collect(grid, tmp_path), "projector=mlp", ["shapes/accuracy"])
+
+
+# ---- the figure ------------------------------------------------------------------------------------
+
+
+def test_the_cost_quality_figure_has_a_point_per_variant_at_its_flops(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2, axes={"projector": ["linear", "mlp", "pixel_shuffle"]}))
+    write_seeds(tmp_path, "projector=linear", [0.7, 0.8])
+    write_seeds(tmp_path, "projector=pixel_shuffle", [0.5, 0.6])  # mlp has no runs: no point
+    paths = write_report(grid, tmp_path)
+    assert paths["accuracy_vs_flops"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from minivlm.ablate import accuracy_vs_flops_figure
+
+    summaries = collect(grid, tmp_path)
+    fig = accuracy_vs_flops_figure(summaries, baseline=grid.baseline().name)
+    (ax,) = fig.axes
+    points = {bars.get_label(): (bars.lines[0].get_xdata()[0], bars.lines[0].get_ydata()[0])
+              for bars in ax.containers}
+    flops = {s.variant.label: s.shape.flops_per_sample / 1e9 for s in summaries}
+    assert points == {"linear": pytest.approx((flops["linear"], 0.75)),
+                      "pixel_shuffle (baseline)": pytest.approx((flops["pixel_shuffle"], 0.55))}
+    assert flops["linear"] > flops["pixel_shuffle"]  # 4x the image tokens
+
+
+def test_wall_time_per_run_is_in_the_tables(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2))
+    for seed, seconds in ((0, 100.0), (1, 140.0)):
+        run_dir = tmp_path / "projector=linear" / f"seed_{seed}"
+        fake_run(run_dir, 0.5, [1.0], 10.0)
+        (run_dir / "run_info.json").write_text(json.dumps(
+            {"finished": "2026-12-04T10:00:00", "machine": "test machine", "wall_seconds": seconds}))
+    md = results_markdown(grid, collect(grid, tmp_path))
+    assert "| wall s |" in md and "| 120 ± 20 |" in md
+    assert "4 min of wall time for 2 runs" in md
