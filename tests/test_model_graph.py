@@ -52,7 +52,8 @@ def _batch(cfg, layout: str) -> dict[str, torch.Tensor]:
 
 
 CASES = [("splice", "padded"), ("prefix", "padded"), ("cross_attention", "padded"), ("splice", "packed"),
-         ("prefix", "packed"), ("splice", "branches"), ("prefix", "branches")]
+         ("prefix", "packed"), ("cross_attention", "packed"), ("splice", "branches"), ("prefix", "branches"),
+         ("cross_attention", "branches")]
 
 
 @pytest.mark.parametrize("fusion, layout", CASES)

@@ -9,7 +9,8 @@ image tokens::
 
 ``alpha`` starts at 0, so at initialisation the decoder computes exactly what it computed
 without images. A text token sees the images whose marker is at or before it (all preceding
-images of its sample); tokens before the first image see none and receive no update.
+images of its sample); tokens before the first image see none and receive no update. In a packed
+row (several documents, ``document_ids``) a token sees only its own document's images.
 
 Keys are the image tokens of the whole batch, ``[N * P, D]``, shared by every row; each row's
 mask admits only its own images (:meth:`AttentionMask.cross`). Every shape then follows from the
@@ -98,6 +99,19 @@ def image_keys(image_embeds: Tensor, is_marker: Tensor) -> tuple[Tensor, Tensor]
     return image_embeds.reshape(1, N * P, D), key_ids.repeat_interleave(P, dim=1)
 
 
+def images_before_document(is_marker: Tensor, document_ids: Tensor) -> Tensor:
+    """``[B, T]``: image markers of the row before the first token of each token's document.
+
+    ``document_ids [B, T]`` gives contiguous documents (packing). The exclusive marker count is
+    non-decreasing along a row, so its value at each document's first token, carried forward
+    by a running maximum, is the count before that document.
+    """
+    before = torch.cumsum(is_marker.long(), dim=1) - is_marker.long()  # markers strictly before t
+    starts = torch.ones_like(is_marker)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(starts, before, torch.zeros_like(before)).cummax(dim=1).values
+
+
 class CrossAttentionFusion(nn.Module):
     """Owns ``ceil(n_layers / every)`` gated blocks and hands the decoder a layer hook."""
 
@@ -130,9 +144,6 @@ class CrossAttentionFusion(nn.Module):
 
     def forward(self, text_embeds: Tensor, image_embeds: Tensor | None, input_ids: Tensor, mask: AttentionMask,
                 cache=None) -> FusedInputs:
-        if mask.document_ids is not None:
-            raise ValueError("cross_attention fusion does not support packed sequences (document_ids); "
-                             "disable data.packing or use the splice/prefix fusion")
         is_marker = input_ids == self.image_token_id
         if image_embeds is not None:
             images, key_ids = image_keys(image_embeds, is_marker)
@@ -146,14 +157,17 @@ class CrossAttentionFusion(nn.Module):
             self._states[cache] = CrossAttentionState(state.images, state.key_image_ids, seen[:, -1].clone())
         elif cache is not None:  # a decode step: same state object, updated in place (one compiled graph)
             state.images_seen.copy_(seen[:, -1])
-        cross_mask = AttentionMask.cross(seen, state.key_image_ids)
+        # Packed rows: the images of earlier documents are not this token's to see.
+        before = None if mask.document_ids is None else images_before_document(is_marker, mask.document_ids)
+        cross_mask = AttentionMask.cross(seen, state.key_image_ids, before)
 
         def hook(layer: int, h: Tensor) -> Tensor:
             if layer % self.every:
                 return h
             out = self.blocks[layer // self.every](h, state.images.to(h.dtype), cross_mask)
-            # Tokens that have seen no image (text-only rows, text before the first image) pass
-            # through unchanged, so a row decodes the same alone or batched with image rows.
-            return torch.where(seen[..., None] > 0, out, h)
+            # Tokens that have seen no image (text-only rows, text before the first image of
+            # their document) pass through unchanged, so a row decodes the same alone or batched
+            # with image rows, and a packed document as it would alone.
+            return torch.where(seen[..., None] > (0 if before is None else before[..., None]), out, h)
 
         return FusedInputs(text_embeds, mask, hook)

@@ -16,7 +16,8 @@ The VLM mask family (self-attention), for query ``i`` and key ``j`` of one row::
 
 with ``i`` and ``j`` measured in absolute positions (``q_offset + i``) so the same rule serves
 incremental decoding against a KV cache. Cross-attention (Flamingo) uses a different rule:
-a text query may see the tokens of image ``m`` when ``m < images_seen[i]``.
+a text query may see the tokens of image ``m`` when ``images_before[i] <= m < images_seen[i]``
+(``images_before`` counts the images of earlier packed documents of the row; 0 without packing).
 
 Branches are prefix sharing: several continuations of one prefix (e.g. ten questions about the
 same image) sit in one document as ``prefix, branch 1, branch 2, ...``; each branch sees the
@@ -59,6 +60,8 @@ class AttentionMask:
         images_seen: ``[B, T]`` int, cross-attention only: how many images precede query ``i``.
         key_image_ids: ``[B, S]`` int, cross-attention only: image index of each key, -1 for
             padding keys.
+        images_before: ``[B, T]`` int or None, cross-attention of packed rows only: images of the
+            row before query ``i``'s document, which it may not see.
     """
 
     causal: bool = True
@@ -69,6 +72,7 @@ class AttentionMask:
     branch_ids: Tensor | None = None
     images_seen: Tensor | None = None
     key_image_ids: Tensor | None = None
+    images_before: Tensor | None = None
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -80,8 +84,8 @@ class AttentionMask:
         return cls(causal=False, key_valid=key_valid)
 
     @classmethod
-    def cross(cls, images_seen: Tensor, key_image_ids: Tensor) -> "AttentionMask":
-        return cls(causal=False, images_seen=images_seen, key_image_ids=key_image_ids)
+    def cross(cls, images_seen: Tensor, key_image_ids: Tensor, images_before: Tensor | None = None) -> "AttentionMask":
+        return cls(causal=False, images_seen=images_seen, key_image_ids=key_image_ids, images_before=images_before)
 
     def with_offset(self, q_offset: int) -> "AttentionMask":
         return replace(self, q_offset=q_offset)
@@ -133,7 +137,8 @@ class AttentionMask:
         if self.is_cross:
             seen = self.images_seen.to(device)[:, :, None]  # [B, T, 1]
             kid = self.key_image_ids.to(device)[:, None, :]  # [B, 1, S]
-            return ((kid >= 0) & (kid < seen))[:, None]
+            lower = 0 if self.images_before is None else self.images_before.to(device)[:, :, None]
+            return ((kid >= lower) & (kid >= 0) & (kid < seen))[:, None]
         if (self.causal and T == 1 and self.q_offset == S - 1 and self.key_valid is not None
                 and self.document_ids is None and self.span_ids is None and self.branch_ids is None):
             return self._decode_step_dense(S)
@@ -213,6 +218,7 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask)
         if name in ("document_ids", "span_ids", "branch_ids") and mask.q_offset + T > S:
             raise ValueError(f"mask.{name} gives query ids at positions q_offset..q_offset+T-1 = "
                              f"{mask.q_offset}..{mask.q_offset + T - 1}, beyond its length S={S}")
-    seen = mask.images_seen
-    if seen is not None and (seen.ndim != 2 or seen.shape[0] not in (1, B) or seen.shape[1] != T):
-        raise ValueError(f"mask.images_seen must be [B or 1, T] = [{B} or 1, {T}]; got {tuple(seen.shape)}")
+    for name in ("images_seen", "images_before"):
+        seen = getattr(mask, name)
+        if seen is not None and (seen.ndim != 2 or seen.shape[0] not in (1, B) or seen.shape[1] != T):
+            raise ValueError(f"mask.{name} must be [B or 1, T] = [{B} or 1, {T}]; got {tuple(seen.shape)}")

@@ -67,7 +67,7 @@ class PerMaskCache:
         versions = tuple(
             None if t is None or t.is_inference() else t._version  # as _tensor_version, inlined: it runs per layer
             for t in (mask.key_valid, mask.document_ids, mask.span_ids, mask.branch_ids, mask.images_seen,
-                      mask.key_image_ids)
+                      mask.key_image_ids, mask.images_before)
         )
         key = (id(mask), versions, extra_key)
         entry = self._entries.get(key)
