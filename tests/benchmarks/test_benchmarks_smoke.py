@@ -251,3 +251,32 @@ def test_cpu_speed_benchmark_measures_every_row(tmp_path, capsys):
     assert names[0].startswith("adamw") and names[1].startswith("render") and names[2].startswith("train step: 1")
     assert "contrastive" in names[3]
     assert "| A / B |" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------------------
+# The three-way decode comparison (nanoVLM from ../shared when present)
+# -------------------------------------------------------------------------------------------
+def test_decode_peers_runs_and_skips_nanovlm_without_its_source(tmp_path, capsys):
+    from benchmarks import decode_peers
+
+    assert decode_peers.main(["--rounds", "1", "--new-tokens", "2", "--no-compile", "--nanovlm", str(tmp_path / "none"),
+                              "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "nanoVLM skipped: no models/ in" in printed
+    payload = json.loads((tmp_path / "decode_peers.json").read_text())
+    names = [row["implementation"] for row in payload["rows"]]
+    assert names == ["minivlm eager", "transformers Idefics3 eager"]
+    reference = payload["rows"][1]
+    assert reference["wall x transformers Idefics3 eager"] == 1.0  # each row is compared with the reference
+    assert all(row["wall tok/s"] > 0 for row in payload["rows"])
+
+
+def test_decode_peers_compares_with_nanovlm_from_its_source(tmp_path, capsys):
+    from benchmarks import decode_peers
+
+    if decode_peers.load_nanovlm(decode_peers.DEFAULT_NANOVLM) is None:
+        pytest.skip(f"nanoVLM's source is not in {decode_peers.DEFAULT_NANOVLM} (../shared/peers)")
+    assert decode_peers.main(["--rounds", "1", "--new-tokens", "2", "--no-compile", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode_peers.json").read_text())["rows"]
+    assert [r["implementation"] for r in rows] == ["minivlm eager", "nanoVLM eager", "transformers Idefics3 eager"]
+    assert rows[1]["cpu x nanoVLM eager"] == 1.0
