@@ -144,7 +144,7 @@ def test_export_refuses_a_model_the_layout_cannot_hold(files, capsys):
     capsys.readouterr()
     assert main(["export", "smolvlm", str(files / "tiny"), "--out", str(files / "tiny-hf")]) == 2
     error = capsys.readouterr().err
-    assert "cannot be represented" in error and "conv stem" in error and "chat template" in error
+    assert "cannot be represented" in error and "hybrid stem" in error and "chat template" in error
     assert not (files / "tiny-hf").exists()
 
 
