@@ -40,12 +40,15 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / EVAL_FILE).is_file()
 
 
-def machine_description() -> str:
-    """Where the numbers were measured: CPU count or GPU, torch version, platform."""
+def machine_description(threads: int | None = None) -> str:
+    """Where the numbers were measured: CPU count or GPU, torch version, platform; on the CPU also
+    the torch threads a run trained with (``threads``; the trainer sets them for the run only, so
+    the process's count afterwards says nothing)."""
     if torch.cuda.is_available():
         device = f"GPU {torch.cuda.get_device_name(0)}"
     else:
-        device = f"CPU ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
+        device = f"CPU ({os.cpu_count()} cores" + (f", {threads} torch thread{'s' * (threads != 1)} per run)"
+                                                  if threads else ")")
     return f"{device}; torch {torch.__version__}; {platform.platform(terse=True)}"
 
 

@@ -247,12 +247,21 @@ def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -
     except Exception as err:  # a failed variant must not end the sweep: record it and go on
         return "failed", _record_failure(run_dir, f"{type(err).__name__}: {err}", traceback.format_exc())
     atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps({
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_description(),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(_training_threads(run_dir)),
         # Of this invocation only: a resumed run's earlier part is not included.
         "wall_seconds": round(time.perf_counter() - started, 1)}) + "\n")
     # The final model is in model/; the training state only served resumption.
     shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     return "finished", ""
+
+
+def _training_threads(run_dir: Path) -> int | None:
+    """The torch threads of the run's last logged step (``metrics.jsonl``), if it logged them."""
+    from minivlm.train.plot import read_metrics
+
+    train, _ = read_metrics(run_dir)
+    return next((int(r["threads"]) for r in reversed(train) if r.get("threads")), None)
 
 
 def _record_failure(run_dir: Path, message: str, trace: str | None) -> str:

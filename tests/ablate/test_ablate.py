@@ -168,6 +168,9 @@ def test_sweep_writes_tables_and_plots_and_a_rerun_skips_finished_runs(tmp_path,
 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["wall_seconds"] > 0 and ("CPU" in info["machine"] or "GPU" in info["machine"])
+    if "CPU" in info["machine"]:  # the threads the run trained with, as its log says
+        threads = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["threads"]
+        assert f"{threads} torch thread" in info["machine"]
     md = (out / "results.md").read_text()
     assert re.search(r"- runs finished \d{4}-\d\d-\d\d on .*; \d+ min of wall time for 2 runs", md)
     assert "| projector | params | GFLOP/sample | image tokens |" in md
