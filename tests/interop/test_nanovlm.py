@@ -22,7 +22,9 @@ from einops import rearrange
 from paritykit import IMAGE_SIZES, image
 
 transformers = pytest.importorskip("transformers")
-PEER = Path(__file__).resolve().parents[2].parent / "shared" / "peers" / "nanovlm"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PEER = REPO_ROOT.parent / "shared" / "peers" / "nanovlm"
+sys.path.insert(0, str(REPO_ROOT))  # the repository's benchmarks package
 pytestmark = pytest.mark.skipif(not (PEER / "models").is_dir(), reason="the nanoVLM peer (../shared/peers) is absent")
 
 from minivlm.interop.convert import import_checkpoint  # noqa: E402
@@ -48,24 +50,12 @@ def fake_hub_cache(root: Path, repo: str, files: dict[str, str]) -> Path:
 
 @pytest.fixture(scope="module")
 def peer():
-    """nanoVLM's ``models`` package, with a stand-in for the ``data.processors`` it imports."""
-    sys.path.insert(0, str(PEER))
-    data = types.ModuleType("data")
-    processors = types.ModuleType("data.processors")
-    processors.get_tokenizer = lambda *a, **k: None
-    saved = {k: sys.modules.get(k) for k in ("data", "data.processors")}
-    sys.modules.update({"data": data, "data.processors": processors})
-    try:
-        import models.config as config
-        import models.vision_language_model as vlm
-        yield types.SimpleNamespace(config=config, vlm=vlm)
-    finally:
-        sys.path.remove(str(PEER))
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+    """nanoVLM's ``models`` package, loaded as the decode benchmark loads it (a stand-in for the
+    ``data.processors`` module it imports)."""
+    from benchmarks.decode_peers import load_nanovlm
+
+    config, vlm = load_nanovlm(PEER)
+    return types.SimpleNamespace(config=config, vlm=vlm)
 
 
 @pytest.fixture(scope="module")
