@@ -21,6 +21,8 @@ from minivlm.ablate.results import RunRecord, SeedStat, VariantSummary
 FINDING_SE = 2.0
 #: Fewest finished seeds on each side before a difference can be called a finding.
 MIN_SEEDS = 2
+#: Share of comparisons with no true difference that still exceed FINDING_SE (normal errors).
+CHANCE_RATE = 0.0455
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,11 @@ def findings_markdown(comparisons: Sequence[Comparison], baseline_label: str) ->
     rest = len(comparisons) - len(found)
     if found and rest:
         lines += ["", f"The other {rest} differences are within {FINDING_SE:g} standard errors: not findings."]
+    if found:
+        # Two standard errors is a ~95% interval for one comparison; a table makes many.
+        lines += ["", f"Of {len(comparisons)} comparisons about {CHANCE_RATE * len(comparisons):.0f} would pass "
+                      f"{FINDING_SE:g} SE by chance alone (more with few seeds, whose standard errors are themselves "
+                      "uncertain): a finding that recurs across related metrics or variants is the one to trust."]
     return lines
 
 

@@ -89,6 +89,7 @@ def test_the_report_lists_each_finding_and_only_those(tmp_path):
     assert "against the baseline `pixel_shuffle`" in findings
     assert "- `linear`: shapes/accuracy 0.720 vs 0.520 (+0.200 ± 0.016, 12.2 SE)" in findings
     assert "`mlp`: shapes/accuracy" not in findings
+    assert "Of 6 comparisons about 0 would pass 2 SE by chance alone" in findings  # 2 variants x 3 metrics
     assert "0.720 ± 0.012" in md  # the table's error is the standard error: 0.02 / sqrt(3)
 
 
