@@ -35,10 +35,10 @@ MAX_DEFAULT_PANELS = 9
 
 
 def _fmt(stat: SeedStat | None, digits: int = 3, n_seeds: int = 1) -> str:
-    """``mean ± standard error`` (the mean alone for a one-seed grid)."""
+    """``mean ± standard error``; the mean alone when one seed has finished (no error to give)."""
     if stat is None:
         return "-"
-    return f"{stat.mean:.{digits}f} ± {stat.se:.{digits}f}" if n_seeds > 1 else f"{stat.mean:.{digits}f}"
+    return f"{stat.mean:.{digits}f} ± {stat.se:.{digits}f}" if stat.n > 1 else f"{stat.mean:.{digits}f}"
 
 
 def write_report(grid: AblationGrid, out_dir: str | Path) -> dict[str, Path]:

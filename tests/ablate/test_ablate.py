@@ -305,6 +305,7 @@ def test_results_are_mean_std_and_standard_error_over_seeds(tmp_path):
     md = paths["results_md"].read_text()
     assert "- runs: not recorded" in md  # these runs carry no run_info.json
     assert "| linear |" in md and "0.300 ± 0.100" in md and "| 2/2 |" in md and "| 1/2 |" in md
+    assert "| 0.900 |" in md and "0.900 ± " not in md  # one finished seed: the mean alone, no error bar
     assert "mean ± standard error over seeds" in md
     assert "Per question type:" in md and "shapes/count" in md
 
