@@ -29,6 +29,8 @@ from minivlm.io_atomic import atomic_path, atomic_write_text
 
 #: Bar-chart panels drawn by default before falling back to the headline metrics only.
 MAX_DEFAULT_PANELS = 9
+#: Smallest accuracy range a cost-quality panel shows, so near-equal results look near-equal.
+MIN_ACCURACY_SPAN = 0.1
 
 
 # ---- reporting --------------------------------------------------------------------------------
@@ -297,6 +299,7 @@ def accuracy_vs_flops_figure(summaries: Sequence[VariantSummary], metrics: Seque
     colors = _colors(len(summaries))
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
+        extent: list[float] = []
         for color, s in zip(colors, summaries, strict=True):
             stat = s.stat(lambda r, m=name: r.metrics.get(m))
             if stat is None or s.shape is None:
@@ -305,6 +308,10 @@ def accuracy_vs_flops_figure(summaries: Sequence[VariantSummary], metrics: Seque
             ring = s.variant.name == baseline
             ax.errorbar(x, stat.mean, yerr=stat.se, fmt="o", color=color, capsize=3, markersize=7,
                         markerfacecolor="white" if ring else color, label=s.variant.label + (" (baseline)" if ring else ""))
+            extent += [stat.mean - stat.se, stat.mean + stat.se]
+        if extent:  # at least 0.1 of accuracy tall: 0.995 against 1.000 should not look like 0.5 against 1
+            middle, half = (min(extent) + max(extent)) / 2, max(max(extent) - min(extent), MIN_ACCURACY_SPAN) / 2
+            ax.set_ylim(max(-0.01, middle - half - 0.01), min(1.01, middle + half + 0.01))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("forward GFLOP / sample", fontsize=8)
         ax.set_ylabel("accuracy (mean ± SE)", fontsize=8)

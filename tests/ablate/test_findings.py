@@ -128,6 +128,8 @@ def test_the_cost_quality_figure_has_a_point_per_variant_at_its_flops(tmp_path):
     assert points == {"linear": pytest.approx((flops["linear"], 0.75)),
                       "pixel_shuffle (baseline)": pytest.approx((flops["pixel_shuffle"], 0.55))}
     assert flops["linear"] > flops["pixel_shuffle"]  # 4x the image tokens
+    low, high = ax.get_ylim()
+    assert high - low >= 0.1 and low <= 0.55 - 0.05 and high >= 0.75 + 0.05  # both points, error bars, margins
 
 
 def test_wall_time_per_run_is_in_the_tables(tmp_path):
