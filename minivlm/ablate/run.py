@@ -129,13 +129,17 @@ def plan_runs(grid: AblationGrid, out_dir: str | Path) -> list[PlannedRun]:
     """Every (variant, seed) run with its config; invalid variants carry their error instead.
 
     Seed-major: every variant's first seed, then every variant's second, and so on, so a sweep
-    stopped part-way already has a whole table (one seed) rather than a few variants with all.
+    stopped part-way already has a whole table (one seed) rather than a few variants with all;
+    within a seed the baseline (:meth:`AblationGrid.baseline`) runs first, so whatever else has
+    finished can be compared with it.
     """
     out_dir = Path(out_dir)
     tokenizers: dict = {}
     plans = []
+    baseline = grid.baseline()
+    order = [baseline] + [v for v in grid.variants() if v != baseline]
     for seed in grid.seeds:
-        for variant in grid.variants():
+        for variant in order:
             run_dir = run_dir_of(out_dir, variant, seed)
             try:
                 cfg = grid.variant_config(variant, seed)

@@ -325,10 +325,12 @@ def test_load_results_reads_a_result_directory(tmp_path):
 # ---- sharing a sweep between processes ------------------------------------------------------------
 
 
-def test_runs_go_seed_by_seed_so_a_stopped_sweep_has_a_whole_table(tmp_path):
-    grid = AblationGrid.from_dict(micro_grid(seeds=2))
+def test_runs_go_seed_by_seed_baseline_first_so_a_stopped_sweep_has_a_whole_table(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2, axes={"projector": ["linear", "mlp", "pixel_shuffle"]}))
+    assert grid.baseline().name == "projector=pixel_shuffle"  # the preset's own projector
     assert [(p.variant.name, p.seed) for p in plan_runs(grid, tmp_path)] == [
-        ("projector=linear", 0), ("projector=pixel_shuffle", 0), ("projector=linear", 1), ("projector=pixel_shuffle", 1)]
+        ("projector=pixel_shuffle", 0), ("projector=linear", 0), ("projector=mlp", 0),
+        ("projector=pixel_shuffle", 1), ("projector=linear", 1), ("projector=mlp", 1)]
 
 
 def test_shards_split_the_runs_without_overlap(tmp_path, capsys):
@@ -345,9 +347,9 @@ def test_shards_split_the_runs_without_overlap(tmp_path, capsys):
 def test_two_shards_finish_the_sweep_together(tmp_path):
     grid = AblationGrid.from_dict(micro_grid(steps=2))
     first = run_ablation(grid, tmp_path, shard=(0, 2))
-    assert first.ran == ["projector=linear/seed_0"]
+    assert first.ran == ["projector=pixel_shuffle/seed_0"]  # the baseline first
     second = run_ablation(grid, tmp_path, shard=(1, 2))
-    assert second.ran == ["projector=pixel_shuffle/seed_0"]
+    assert second.ran == ["projector=linear/seed_0"]
     assert "| 1/1 |" in second.reports["results_md"].read_text().split("| pixel_shuffle |")[1].splitlines()[0]
 
 
