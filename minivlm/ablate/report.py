@@ -82,7 +82,7 @@ def _write_runs_csv(summaries: Sequence[VariantSummary], path: Path) -> Path:
 
 def _per_variant_columns(summaries: Sequence[VariantSummary]) -> list[tuple[str, Callable[[RunRecord], float | None]]]:
     columns: list[tuple[str, Callable[[RunRecord], float | None]]] = [
-        ("tokens_per_s", lambda r: r.tokens_per_s), ("wall_seconds", lambda r: r.info.get("wall_seconds")),
+        ("tokens_per_s", lambda r: r.tokens_per_s), ("seconds", lambda r: r.seconds),
         ("final_train_loss", lambda r: r.final_loss), ("eval_loss", lambda r: r.eval_loss),
     ]
     for name in headline_metrics(summaries) + detail_metrics(summaries):
@@ -126,14 +126,15 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
         f"seeds {list(grid.seeds)}, eval limit {grid.eval_limit or 'full test split'}",
         f"- fixed overrides: {', '.join(f'`{o}`' for o in grid.overrides) or 'none'}",
         "- GFLOP/sample: forward FLOPs of one image + 64 text tokens (`minivlm summary`); "
-        "tok/s: median training step rate; wall s: one run, training and evaluation; train loss: mean logged "
+        "tok/s: median training step rate; time s: one run's training (every invocation of a resumed run) and "
+        "evaluation; train loss: mean logged "
         f"loss over the last {FINAL_LOSS_FRACTION:.0%} of steps; eval loss: teacher-forced loss per answer token "
         "on the test samples" + ("; values are mean ± standard error over seeds" if n_seeds > 1 else ""),
         "",
     ]
     headline = headline_metrics(summaries)
     axes = _axis_columns(grid)
-    header = [*axes, "params", "GFLOP/sample", "image tokens", "tok/s", "wall s", "train loss", "eval loss",
+    header = [*axes, "params", "GFLOP/sample", "image tokens", "tok/s", "time s", "train loss", "eval loss",
               *headline, "runs"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for s in summaries:
@@ -141,7 +142,7 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
         cells += [
             *(_shape_cells(s.shape) if s.shape else ["-"] * 3),
             _fmt(s.stat(lambda r: r.tokens_per_s), 0, n_seeds),
-            _fmt(s.stat(lambda r: r.info.get("wall_seconds")), 0, n_seeds),
+            _fmt(s.stat(lambda r: r.seconds), 0, n_seeds),
             _fmt(s.stat(lambda r: r.final_loss), 3, n_seeds),
             _fmt(s.stat(lambda r: r.eval_loss), 3, n_seeds),
             *[_fmt(s.stat(lambda r, m=m: r.metrics.get(m)), 3, n_seeds) for m in headline],
@@ -185,15 +186,15 @@ def _shape_cells(shape: VariantShape) -> list[str]:
 
 
 def _conditions_line(summaries: Sequence[VariantSummary]) -> str:
-    """When and where the finished runs were made, and their total wall time."""
-    infos = [r.info for s in summaries for r in s.finished if r.info]
-    if not infos:
+    """When and where the finished runs were made, and their total time (training + evaluation)."""
+    runs = [r for s in summaries for r in s.finished if r.info]
+    if not runs:
         return "- runs: none finished yet" if not any(s.finished for s in summaries) else "- runs: not recorded"
-    dates = sorted(i["finished"][:10] for i in infos)
+    dates = sorted(r.info["finished"][:10] for r in runs)
     when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
-    machines = "; ".join(sorted({i["machine"] for i in infos}))
-    minutes = sum(i["wall_seconds"] for i in infos) / 60
-    return f"- runs finished {when} on {machines}; {minutes:.0f} min of wall time for {len(infos)} runs"
+    machines = "; ".join(sorted({r.info["machine"] for r in runs}))
+    minutes = sum(r.seconds if r.seconds is not None else r.info["wall_seconds"] for r in runs) / 60
+    return f"- runs finished {when} on {machines}; {minutes:.0f} min of training and evaluation for {len(runs)} runs"
 
 
 def _runs_cell(s: VariantSummary, n_seeds: int) -> str:

@@ -67,6 +67,15 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # run_info.json: finished, machine, wall_seconds
+    train_seconds: float | None = None  # training, every invocation of a resumed run included
+    eval_seconds: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """Training plus evaluation: what the run cost, however many times it was resumed."""
+        if self.train_seconds is None:
+            return None
+        return self.train_seconds + (self.eval_seconds or 0.0)
 
 
 def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
@@ -92,7 +101,26 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
         # The median step rate: robust to the odd step slowed by a checkpoint or a busy machine.
         tokens_per_s=statistics.median(rates) if rates else None,
         final_loss=statistics.fmean(final) if final else None, eval_loss=eval_loss,
-        metrics=dict(evaluation["metrics"]), curve=curve, info=info)
+        metrics=dict(evaluation["metrics"]), curve=curve, info=info,
+        train_seconds=training_seconds(train), eval_seconds=evaluation.get("seconds"))
+
+
+def training_seconds(records: Sequence[dict[str, Any]]) -> float | None:
+    """Training time over every invocation of a run, from its log's ``elapsed_s``.
+
+    Each invocation's clock starts again at 0 when a run resumes, so the log is cut where
+    ``elapsed_s`` goes down and each piece's last value is added (work a crash threw away
+    counts too: it was time spent).
+    """
+    total, last = 0.0, None
+    for record in records:
+        elapsed = record.get("elapsed_s")
+        if elapsed is None:
+            continue
+        if last is not None and elapsed < last:
+            total += last
+        last = elapsed
+    return None if last is None else total + last
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def test_sweep_writes_tables_and_plots_and_a_rerun_skips_finished_runs(tmp_path,
         threads = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["threads"]
         assert f"{threads} torch thread" in info["machine"]
     md = (out / "results.md").read_text()
-    assert re.search(r"- runs finished \d{4}-\d\d-\d\d on .*; \d+ min of wall time for 2 runs", md)
+    assert re.search(r"- runs finished \d{4}-\d\d-\d\d on .*; \d+ min of training and evaluation for 2 runs", md)
     assert "| projector | params | GFLOP/sample | image tokens |" in md
     assert "| linear |" in md and "| pixel_shuffle |" in md and "shapes/accuracy" in md
 

@@ -132,13 +132,19 @@ def test_the_cost_quality_figure_has_a_point_per_variant_at_its_flops(tmp_path):
     assert high - low >= 0.1 and low <= 0.55 - 0.05 and high >= 0.75 + 0.05  # both points, error bars, margins
 
 
-def test_wall_time_per_run_is_in_the_tables(tmp_path):
+def test_time_per_run_counts_every_invocation_of_a_resumed_run(tmp_path):
     grid = AblationGrid.from_dict(micro_grid(seeds=2))
-    for seed, seconds in ((0, 100.0), (1, 140.0)):
+    # seed 0 ran 100 s straight; seed 1 was stopped after 30 s and resumed for 90 s more.
+    for seed, elapsed in ((0, [40.0, 100.0]), (1, [10.0, 30.0, 20.0, 90.0])):
         run_dir = tmp_path / "projector=linear" / f"seed_{seed}"
-        fake_run(run_dir, 0.5, [1.0], 10.0)
+        fake_run(run_dir, 0.5, [1.0] * len(elapsed), 10.0)
+        records = [{"step": i + 1, "loss": 1.0, "elapsed_s": e} for i, e in enumerate(elapsed)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+        (run_dir / "eval.json").write_text(json.dumps({**evaluation, "seconds": 20.0}))
         (run_dir / "run_info.json").write_text(json.dumps(
-            {"finished": "2026-12-04T10:00:00", "machine": "test machine", "wall_seconds": seconds}))
-    md = results_markdown(grid, collect(grid, tmp_path))
-    assert "| wall s |" in md and "| 120 ± 20 |" in md
-    assert "4 min of wall time for 2 runs" in md
+            {"finished": "2026-12-04T10:00:00", "machine": "test machine", "wall_seconds": 1.0}))
+    summaries = collect(grid, tmp_path)
+    assert [r.seconds for r in summaries[0].finished] == [120.0, 140.0]  # 100 + 20, 30 + 90 + 20
+    md = results_markdown(grid, summaries)
+    assert "| time s |" in md and "| 130 ± 10 |" in md
