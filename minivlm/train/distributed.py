@@ -61,7 +61,16 @@ class DistributedContext:
         return self.rank == 0
 
     def close(self) -> None:
+        """Leave the process group this context created (a no-op for one joined elsewhere).
+
+        Every rank waits at a barrier first: a rank that tears its gloo connections down while
+        a peer still reads the last collective's data makes that peer's transport thread abort
+        the process (``terminate called without an active exception``, seen on a loaded 2-core
+        machine). Call it on every rank, once all work is done.
+        """
         if self.initialized_here and dist.is_initialized():
+            if self.world_size > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
     # ---- collectives -------------------------------------------------------------------------
