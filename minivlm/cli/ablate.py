@@ -23,11 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run every N-th run starting at the I-th, so N processes share the sweep "
                         "(e.g. --shard 0/2 and --shard 1/2 side by side on 2 cores)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables and figures from the runs finished so far in --out; train nothing "
+                        "(e.g. while another process runs the sweep)")
     p.set_defaults(func=cmd_ablate)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from minivlm.ablate import AblationGrid, is_finished, parse_shard, plan_runs, run_ablation
+    from minivlm.ablate import (AblationGrid, check_output_dir, is_finished, parse_shard, plan_runs, run_ablation,
+                                write_report)
 
     first, every = shard = parse_shard(args.shard)
     grid = AblationGrid.load(args.grid_file).with_axes(args.grid).with_budget(args.steps, args.eval_limit)
@@ -42,6 +46,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             state = ("finished" if is_finished(plan.run_dir) else
                      f"invalid: {plan.error}" if plan.config is None else f"to run, {plan.config.train.steps} steps")
             print(f"  {plan.variant.name}/seed_{plan.seed}: {state}")
+        return 0
+    if args.report_only:
+        if not (out_dir / "grid.json").is_file():
+            raise FileNotFoundError(f"{out_dir} is not an ablation result directory (no grid.json): "
+                                    f"run the grid into it first, or pass the --out it ran into")
+        check_output_dir(grid, out_dir)
+        reports = write_report(grid, out_dir)
+        print(reports["results_md"].read_text())
+        for name, path in reports.items():
+            print(f"{name}: {path}")
         return 0
     outcome = run_ablation(grid, out_dir, shard=shard)
     print(outcome.reports["results_md"].read_text())

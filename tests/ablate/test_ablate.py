@@ -322,6 +322,28 @@ def test_load_results_reads_a_result_directory(tmp_path):
         ablate.load_results(tmp_path / "projector=linear")
 
 
+def test_report_only_writes_the_tables_of_the_finished_runs_and_trains_nothing(tmp_path, capsys):
+    grid_file = write_grid(tmp_path / "micro.yaml", micro_grid())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid.json").write_text(json.dumps(AblationGrid.load(grid_file).to_dict()))
+    fake_run(out / "projector=linear" / "seed_0", 0.625, [2.0, 1.0], 10.0)
+    assert main(["ablate", str(grid_file), "--out", str(out), "--report-only"]) == 0
+    md = (out / "results.md").read_text()
+    assert "| linear |" in md and "0.625" in md and "| 0/1 |" in md  # pixel_shuffle: not run
+    assert not (out / "projector=pixel_shuffle").exists()
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+    assert "results_md: " in capsys.readouterr().out
+
+
+def test_report_only_needs_a_result_directory(tmp_path, capsys):
+    grid_file = write_grid(tmp_path / "micro.yaml", micro_grid())
+    assert main(["ablate", str(grid_file), "--out", str(tmp_path / "empty"), "--report-only"]) != 0
+    err = capsys.readouterr().err
+    assert "is not an ablation result directory (no grid.json)" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 # ---- sharing a sweep between processes ------------------------------------------------------------
 
 
