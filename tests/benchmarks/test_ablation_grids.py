@@ -34,3 +34,23 @@ def test_the_study_covers_the_axes_the_readme_reports():
     assert set(axes) == {"encoder.stem", "encoder.image_size", "encoder.temporal_patch_size", "train.lr_scale",
                          "train.loss_weighting"}
     assert [v.name for v in grids["encoder_and_training"].variants()][0] == "base"
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "ablations" / "results"
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
+def test_committed_results_belong_to_the_grid_as_it_is_now(path):
+    """A fresh clone resumes the study from the committed runs: they must have been made under the
+    grid's current budget and base config (else the sweep refuses the directory), and each must be
+    a variant and seed the grid plans."""
+    from minivlm.ablate import check_output_dir, run_dir_of
+
+    out_dir = RESULTS / path.stem
+    if not (out_dir / "grid.json").is_file():
+        pytest.skip(f"no committed results for {path.stem} yet")
+    grid = AblationGrid.load(path)
+    check_output_dir(grid, out_dir)
+    planned = {run_dir_of(out_dir, v, seed) for v in grid.variants() for seed in grid.seeds}
+    committed = {p.parent for p in out_dir.glob("*/seed_*/eval.json")}
+    assert committed and committed <= planned
