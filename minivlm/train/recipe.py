@@ -272,7 +272,10 @@ def save_and_evaluate(trainer, model: VisionLanguageModel, cfg: VLMConfig, resul
             model = VisionLanguageModel.from_pretrained(model_dir, map_location=str(dist.device))
     atomic_write_json(run_dir / "train_result.json",
                       {"run_id": run_id, **{k: v for k, v in result.__dict__.items() if k != "history"}})
-    plot_run(run_dir)
+    if (run_dir / "metrics.jsonl").is_file():
+        plot_run(run_dir)
+    else:  # stopped before its first log record (train.log_every): no curve to draw yet
+        log.info("%s: no step logged yet, so no loss.png", run_dir)
     if result.status not in ("finished", "time_budget"):
         return None
     tuner = trainer.thread_tuner  # evaluate under the thread count training found fastest

@@ -226,6 +226,28 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # resumed at 3, nothing repeated
 
 
+def test_a_run_interrupted_before_its_first_log_record_stops_the_sweep(tmp_path, monkeypatch):
+    """Seen on a real sweep: SIGINT during a run's first step (no metrics.jsonl yet) was recorded
+    as a failure (drawing loss.png needed the log) and the sweep went on to the next run."""
+    grid = AblationGrid.from_dict(micro_grid(overrides={**MICRO, "train.log_every": 10}))
+    from minivlm.train import step as step_module
+
+    real, calls = step_module.lr_multiplier, []
+
+    def interrupt_the_first_step(*args):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(step_module, "lr_multiplier", interrupt_the_first_step)
+    outcome = run_ablation(grid, tmp_path)
+    run_dir = tmp_path / "projector=pixel_shuffle" / "seed_0"
+    assert outcome.interrupted and outcome.failed == {} and outcome.ran == []
+    assert not (run_dir / "error.json").exists() and (run_dir / "checkpoints" / "step_000001").is_dir()
+    assert not (tmp_path / "projector=linear").exists()  # the sweep stopped there
+
+
 def test_a_failing_variant_is_recorded_and_the_sweep_goes_on(tmp_path):
     # shuffle factor 3 does not divide the 4x4 patch grid: that variant's config is invalid.
     grid = AblationGrid.from_dict(micro_grid(axes={"projector": ["pixel_shuffle"], "projector.shuffle_factor": [3, 2]}))
