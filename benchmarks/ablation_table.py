@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from minivlm.ablate import load_results
-from minivlm.ablate.grid import override_value
+from minivlm.ablate.report import axis_cells, axis_columns, shape_cells
 from minivlm.ablate.results import SeedStat, VariantSummary
 
 #: (column, metric key) in the order the README shows them.
@@ -40,8 +40,7 @@ def table(out_dir: str | Path) -> str:
     """The markdown table: header, rule, one row per variant (findings: ``results.md``)."""
     grid, summaries = load_results(out_dir)
     baseline = grid.baseline().name
-    labels = ["change"] if grid.design == "one_at_a_time" else list(grid.axes) or ["variant"]
-    header = [*labels, "params", "GFLOP/sample", "image tokens", "min per run", *(c for c, _ in COLUMNS), "runs"]
+    header = [*axis_columns(grid), "params", "GFLOP/sample", "image tokens", "min per run", *(c for c, _ in COLUMNS), "runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for s in summaries:
         lines.append("| " + " | ".join(_row(grid, s, s.variant.name == baseline)) + " |")
@@ -49,19 +48,11 @@ def table(out_dir: str | Path) -> str:
 
 
 def _row(grid, s: VariantSummary, is_baseline: bool) -> list[str]:
-    if grid.design == "one_at_a_time":
-        names = [", ".join(f"{k}={override_value(v)}" for k, v in s.variant.settings) or "base"]
-    else:
-        names = [override_value(v) for _, v in s.variant.settings] or ["base"]
+    names = axis_cells(grid, s)
     if is_baseline:
         names = [f"**{n}**" for n in names]
-    shape = ["-"] * 3
-    if s.shape is not None:
-        tokens = (str(s.shape.image_tokens) if s.shape.image_seq_len == s.shape.image_tokens
-                  else f"{s.shape.image_tokens} ({s.shape.image_seq_len} in text)")
-        shape = [f"{s.shape.params / 1e6:.2f}M", f"{s.shape.flops_per_sample / 1e9:.3f}", tokens]
     minutes = s.stat(lambda r: r.seconds / 60 if r.seconds is not None else None)
-    return [*names, *shape, f"{minutes.mean:.0f}" if minutes else "-",
+    return [*names, *(shape_cells(s.shape) if s.shape else ["-"] * 3), f"{minutes.mean:.0f}" if minutes else "-",
             *(_cell(s.stat(lambda r, k=key: r.metrics.get(k))) for _, key in COLUMNS),
             f"{len(s.finished)}/{len(s.runs)}"]
 

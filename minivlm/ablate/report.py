@@ -133,14 +133,14 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
         "",
     ]
     headline = headline_metrics(summaries)
-    axes = _axis_columns(grid)
+    axes = axis_columns(grid)
     header = [*axes, "params", "GFLOP/sample", "image tokens", "tok/s", "time s", "train loss", "eval loss",
               *headline, "runs"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for s in summaries:
-        cells = _axis_cells(grid, s)
+        cells = axis_cells(grid, s)
         cells += [
-            *(_shape_cells(s.shape) if s.shape else ["-"] * 3),
+            *(shape_cells(s.shape) if s.shape else ["-"] * 3),
             _fmt(s.stat(lambda r: r.tokens_per_s), 0, n_seeds),
             _fmt(s.stat(lambda r: r.seconds), 0, n_seeds),
             _fmt(s.stat(lambda r: r.final_loss), 3, n_seeds),
@@ -154,7 +154,7 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
         lines += ["", "Per question type:", "", "| " + " | ".join([*axes, *detail]) + " |",
                   "|" + "|".join("---" for _ in [*axes, *detail]) + "|"]
         for s in summaries:
-            cells = _axis_cells(grid, s)
+            cells = axis_cells(grid, s)
             cells += [_fmt(s.stat(lambda r, m=m: r.metrics.get(m)), 3, n_seeds) for m in detail]
             lines.append("| " + " | ".join(cells) + " |")
     baseline = grid.baseline()
@@ -166,20 +166,20 @@ def results_markdown(grid: AblationGrid, summaries: Sequence[VariantSummary]) ->
     return "\n".join(lines) + "\n"
 
 
-def _axis_columns(grid: AblationGrid) -> list[str]:
+def axis_columns(grid: AblationGrid) -> list[str]:
     """The table's first columns: one per axis, or one naming the change in a one-at-a-time grid."""
     if grid.design == "one_at_a_time":
         return ["change"]
     return list(grid.axes) or ["variant"]
 
 
-def _axis_cells(grid: AblationGrid, s: VariantSummary) -> list[str]:
+def axis_cells(grid: AblationGrid, s: VariantSummary) -> list[str]:
     if grid.design == "one_at_a_time":
         return [", ".join(f"{k}={override_value(v)}" for k, v in s.variant.settings) or "base"]
     return [override_value(v) for _, v in s.variant.settings] or ["base"]
 
 
-def _shape_cells(shape: VariantShape) -> list[str]:
+def shape_cells(shape: VariantShape) -> list[str]:
     tokens = (f"{shape.image_tokens}" if shape.image_seq_len == shape.image_tokens
               else f"{shape.image_tokens} ({shape.image_seq_len} in text)")
     return [f"{shape.params / 1e6:.2f}M", f"{shape.flops_per_sample / 1e9:.3f}", tokens]
