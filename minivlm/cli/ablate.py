@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from minivlm.ablate import (AblationGrid, check_output_dir, is_finished, parse_shard, plan_runs, run_ablation,
                                 write_report)
+    from minivlm.ablate.grid import GRID_FILE
 
     first, every = shard = parse_shard(args.shard)
     grid = AblationGrid.load(args.grid_file).with_axes(args.grid).with_budget(args.steps, args.eval_limit)
@@ -48,8 +49,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             print(f"  {plan.variant.name}/seed_{plan.seed}: {state}")
         return 0
     if args.report_only:
-        if not (out_dir / "grid.json").is_file():
-            raise FileNotFoundError(f"{out_dir} is not an ablation result directory (no grid.json): "
+        if not (out_dir / GRID_FILE).is_file():
+            raise FileNotFoundError(f"{out_dir} is not an ablation result directory (no {GRID_FILE}): "
                                     f"run the grid into it first, or pass the --out it ran into")
         check_output_dir(grid, out_dir)
         reports = write_report(grid, out_dir)
