@@ -224,9 +224,9 @@ class VisionLanguageModel(nn.Module):
                 whose data was checked where it entered pass False (generation does; a training
                 loop fed by the processor and collator may).
 
-        Nothing else reads a tensor's values on the host (a multi-token forward into a KV cache
-        reads the cache's write position once): with ``validate=False``, or compiled, training
-        forward + loss and a decode step are each one graph.
+        Nothing else reads a tensor's values on the host (an eager forward into a KV cache with an
+        ``attention_mask`` reads once whether it pads, see :class:`StaticKVCache`): with
+        ``validate=False``, or compiled, training forward + loss and a decode step are each one graph.
         """
         self._check_shapes(input_ids, attention_mask, position_ids, document_ids, branch_ids, cache, labels,
                            loss_weights)
@@ -243,7 +243,7 @@ class VisionLanguageModel(nn.Module):
         q_offset = 0
         if cache is not None:
             q_offset, cached_positions = cache.reserve(T, key_valid)
-            key_valid = cache.key_valid
+            key_valid = cache.attention_key_valid()
             position_ids = cached_positions if position_ids is None else position_ids
         elif position_ids is None:
             if key_valid is not None:

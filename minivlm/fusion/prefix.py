@@ -29,7 +29,7 @@ class PrefixFusion(SpliceFusion):
             return FusedInputs(embeds, mask)  # no image among these tokens: plain causal
         spans = image_index(is_image, image_embeds.shape[1]) + 1  # 0 = text, k+1 = image k
         if cache is not None:
-            # Keys are the cache's whole buffer; the columns before these tokens carry no new image,
-            # nor do the unwritten ones after them.
-            spans = F.pad(spans, (mask.q_offset, cache.max_len - mask.q_offset - spans.shape[1]))
+            # Keys are the cache columns attention reads; the columns before these tokens carry no
+            # new image, nor do the unwritten ones after them.
+            spans = F.pad(spans, (mask.q_offset, cache.read_len - mask.q_offset - spans.shape[1]))
         return FusedInputs(embeds, replace(mask, span_ids=spans.to(torch.long)))

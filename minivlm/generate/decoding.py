@@ -5,9 +5,10 @@ Two phases, as in gpt-fast, both one :meth:`~minivlm.model.VisionLanguageModel.f
 
 * **prefill** (:func:`prefill`): the whole prompt. Images are encoded here and only here; their
   keys stay in the cache (splice and prefix fusion) or with the fusion (cross-attention).
-* **decode** (:func:`decode_step`): one token per row. The cache writes at a tensor column and
-  attention reads its whole buffer, so every step has the same shapes and Python state:
-  ``torch.compile`` (and CUDA graphs) capture one graph for every step
+* **decode** (:func:`decode_step`): one token per row. The cache writes at a tensor column.
+  Eager, attention reads the columns written so far, unmasked unless a prompt was padded;
+  compiled, it reads the cache's whole buffer under its key mask, so every step has the same
+  shapes and Python state: ``torch.compile`` (and CUDA graphs) capture one graph for every step
   (``GenerationConfig(compile=True)``).
 
 Prompts of different lengths are left-padded so every row's next token comes from the last
@@ -156,17 +157,19 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
         suppress[model.config.image_token_id] = True
         if text_vocab is not None:
             suppress[text_vocab:] = True  # rows padding a published model's vocabulary have no token
-    for index in range(config.max_new_tokens):
+    tokens = None
+    for _ in range(config.max_new_tokens):
+        # One inference-mode block per token (entering one costs as much as a small op): the step
+        # that consumes the previous token runs only once the caller asks for the next one.
         with torch.inference_mode():
-            tokens = pick_tokens(process_logits(logits.masked_fill(suppress, float("-inf")), config, seen),
+            if tokens is not None:
+                logits = step(model, cache, tokens)
+            # The step's logits are its own fresh tensor: masking them in place saves a copy.
+            tokens = pick_tokens(process_logits(logits.masked_fill_(suppress, float("-inf")), config, seen),
                                  config, generator)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
         yield tokens
-        if index == config.max_new_tokens - 1:
-            return
-        with torch.inference_mode():
-            logits = step(model, cache, tokens)
 
 
 @dataclass
