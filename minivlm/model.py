@@ -240,11 +240,12 @@ class VisionLanguageModel(nn.Module):
         # An attention mask means padding may be present: its rows keep a key_valid mask (an
         # all-ones mask costs SDPA its flash kernel; pass None when nothing is padded).
         key_valid = None if attention_mask is None else attention_mask.bool()
-        q_offset = 0
+        q_offset, position_limit = 0, None
         if cache is not None:
             q_offset, cached_positions = cache.reserve(T, key_valid)
             key_valid = cache.attention_key_valid()
-            position_ids = cached_positions if position_ids is None else position_ids
+            if position_ids is None:  # the cache counts positions: each lies below its length
+                position_ids, position_limit = cached_positions, cache.max_len
         elif position_ids is None:
             if key_valid is not None:
                 position_ids = (key_valid.long().cumsum(-1) - 1).clamp_min(0)
@@ -255,7 +256,7 @@ class VisionLanguageModel(nn.Module):
 
         text_embeds = self.decoder.embed(input_ids)
         fused = self.fusion(text_embeds, image_embeds, input_ids, mask, cache)
-        hidden = self.decoder(fused.embeds, fused.mask, position_ids, cache, fused.layer_hook)
+        hidden = self.decoder(fused.embeds, fused.mask, position_ids, cache, fused.layer_hook, position_limit)
 
         logits = self.decoder.logits(hidden) if return_logits else None
         loss = loss_sum = n_sup = None

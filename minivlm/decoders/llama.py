@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minivlm.config import DecoderConfig, VLMConfig, require
@@ -19,7 +20,7 @@ from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.layers.mlp import SwiGLU
 from minivlm.layers.norms import RMSNorm
-from minivlm.layers.rope import RotaryEmbedding, rope_tables, rotate
+from minivlm.layers.rope import RotaryEmbedding, rotate
 
 #: Called before decoder layer ``i`` as ``hidden = hook(i, hidden)``; how cross-attention fuses.
 LayerHook = Callable[[int, Tensor], Tensor]
@@ -30,6 +31,8 @@ class DecoderAttention(nn.Module):
     flattened ``[B * T, D]`` (the projections are then plain 2-D matmuls) -> the same shape;
     attention runs as ``[B, H, T, Dh]``."""
 
+    packed_linears = ("q", "k", "v")  # see minivlm.layers.packed_linear
+
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -39,15 +42,21 @@ class DecoderAttention(nn.Module):
         self.v = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(self.n_heads * self.head_dim, cfg.width, bias=False)
         self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
+        self.packed: tuple[Tensor, Tensor | None] | None = None  # set by PackedLinears while decoding
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
                 cache: StaticKVCache | None = None) -> Tensor:
         """``x [B, T, D]`` or ``[B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``."""
         B, T = rope[0].shape[0], rope[0].shape[2]
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, rope), rotate(k, rope)
+        H, H_kv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.packed is None:
+            q = rotate(self.q(x).view(B, T, H, Dh).transpose(1, 2), rope)
+            k = rotate(self.k(x).view(B, T, H_kv, Dh).transpose(1, 2), rope)
+            v = self.v(x).view(B, T, H_kv, Dh).transpose(1, 2)
+        else:  # decoding (PackedLinears): one product, heads side by side; q and k rotate in one call
+            qkv = F.linear(x, *self.packed).view(B, T, H + 2 * H_kv, Dh).transpose(1, 2)
+            qk, v = qkv.split((H + H_kv, H_kv), dim=1)
+            q, k = rotate(qk, rope).split((H, H_kv), dim=1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask, backend=self.attention_backend)
@@ -104,9 +113,13 @@ class LlamaDecoder(nn.Module):
                              dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, embeds: Tensor, mask: AttentionMask, position_ids: Tensor,
-                cache: StaticKVCache | None = None, layer_hook: LayerHook | None = None) -> Tensor:
+                cache: StaticKVCache | None = None, layer_hook: LayerHook | None = None,
+                position_limit: int | None = None) -> Tensor:
+        """``position_limit``: an upper bound (exclusive) on ``position_ids`` known on the host, as
+        when a KV cache counted them (its length); the rotary tables are then looked up
+        (:meth:`~minivlm.layers.rope.RotaryEmbedding.tables`)."""
         B, T, D = embeds.shape
-        rope = rope_tables(*self.rope(position_ids), embeds.dtype)  # once for every layer
+        rope = self.rope.tables(position_ids, embeds.dtype, position_limit)  # once for every layer
         h = embeds.reshape(B * T, D)  # the residual stream, tokens flattened
         for i, layer in enumerate(self.layers):
             if layer_hook is not None:

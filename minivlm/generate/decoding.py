@@ -19,6 +19,7 @@ forwards run without value checks (``validate=False``) and without a host sync.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -31,6 +32,7 @@ from torch import Tensor
 from minivlm.generate.config import GenerationConfig
 from minivlm.generate.sampling import pick_tokens, process_logits
 from minivlm.layers.kv_cache import StaticKVCache
+from minivlm.layers.packed_linear import PackedLinears
 
 
 def prefill(model, cache: StaticKVCache, input_ids: Tensor, attention_mask: Tensor | None,
@@ -141,6 +143,9 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
     step = decode_step
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     vocab = model.config.decoder.vocab_size
+    # Eager steps run the stacked projections (one product for q/k/v, one for gate/up); a
+    # compiled step fuses the separate ones itself.
+    packs = contextlib.nullcontext() if config.compile else PackedLinears(model)
     # inference_mode, not no_grad: no autograd bookkeeping per op (decode is op-bound at small sizes).
     with torch.inference_mode():
         cache = model.decoder.new_cache(B, max_len)
@@ -150,7 +155,8 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
             for buffer in cache.buffers():
                 torch._dynamo.mark_static_address(buffer)
             step = compiled_decode_step(config.compile_backend, config.compile_mode)
-        logits = prefill(model, cache, input_ids, attention_mask, pixel_values)
+        with packs:
+            logits = prefill(model, cache, input_ids, attention_mask, pixel_values)
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if config.repetition_penalty != 1 else None
         # An image placeholder without an image breaks the fusion's bookkeeping: never generate one.
         suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -161,7 +167,7 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
     for _ in range(config.max_new_tokens):
         # One inference-mode block per token (entering one costs as much as a small op): the step
         # that consumes the previous token runs only once the caller asks for the next one.
-        with torch.inference_mode():
+        with torch.inference_mode(), packs:
             if tokens is not None:
                 logits = step(model, cache, tokens)
             # The step's logits are its own fresh tensor: masking them in place saves a copy.

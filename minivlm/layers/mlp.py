@@ -41,11 +41,17 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """Gated feed-forward (Shazeer 2020), Llama layout: ``down(silu(gate(x)) * up(x))``."""
 
+    packed_linears = ("gate", "up")  # see minivlm.layers.packed_linear
+
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
+        self.packed: tuple[Tensor, Tensor | None] | None = None  # set by PackedLinears while decoding
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.packed is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = F.linear(x, *self.packed).chunk(2, dim=-1)  # decoding: one product (PackedLinears)
+        return self.down(F.silu(gate) * up)

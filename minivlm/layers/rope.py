@@ -18,10 +18,36 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+        self._table: tuple[tuple, Tensor] | None = None  # (key, [L, 2, Dh]): see tables()
+
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
+
+    def tables(self, position_ids: Tensor, dtype: torch.dtype, limit: int | None = None) -> tuple[Tensor, Tensor]:
+        """:func:`rope_tables` of ``position_ids [B, T]``: ``(cos, signed_sin) [B, 1, T, Dh]`` in ``dtype``.
+
+        ``limit``, when the caller knows one on the host (a KV cache's length: the cache counted
+        the positions), bounds the positions from above. The tables are then rows of a table
+        computed once for positions ``0 .. limit - 1``, the same values in one lookup instead
+        of a dozen operators per forward (a decode step is bound by operator count). Without a
+        limit (training positions are not bounded by a length known here), or while compiling
+        (the compiler fuses the computation), they are computed.
+        """
+        if limit is None or torch.compiler.is_compiling():
+            return rope_tables(*self(position_ids), dtype)
+        inv_freq = self.inv_freq
+        key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.dtype, inv_freq.device)
+        if self._table is None or self._table[0] != key or self._table[1].shape[0] < limit:
+            # A plain tensor even when first asked in inference mode: forwards outside it read it too.
+            with torch.inference_mode(False):
+                cos, sin = rope_tables(*self(torch.arange(limit, device=inv_freq.device)[None]), torch.float32)
+                self._table = (key, torch.stack((cos[0, 0], sin[0, 0]), dim=1))  # [L, 2, Dh]
+        cos, sin = self._table[1][position_ids].unsqueeze(1).unbind(-2)
+        if dtype != torch.float32:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
 
 
 def rotate_half(x: Tensor) -> Tensor:
