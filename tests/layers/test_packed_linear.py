@@ -57,7 +57,11 @@ def test_generation_with_stacks_decodes_the_same_tokens():
     model = tiny_model(seed=3)
     ids = prompt(model, rows=3, length=7, seed=3)
     config = GenerationConfig(max_new_tokens=12)
+    seen = []  # whether layer 1's attention ran stacked, call by call (a hook on the block, not on q/k/v)
+    handle = model.decoder.layers[1].attn.register_forward_pre_hook(lambda m, args: seen.append(m.packed is not None))
     with_stacks = generate(model, ids, config=config).tokens
+    handle.remove()
+    assert seen == [True] * 12  # the prefill and 11 decode steps
     model.decoder.layers[0].attn.q.register_forward_hook(lambda *a: None)  # observed: q/k/v of layer 0 stay separate
     layer0 = PackedLinears(model)
     assert sum(isinstance(m, DecoderAttention) for m, _, _ in layer0._groups) == len(model.decoder.layers) - 1
