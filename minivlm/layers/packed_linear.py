@@ -52,12 +52,11 @@ class PackedLinears:
     """
 
     def __init__(self, model: nn.Module):
+        # (module, its layers' tensors: weights then biases, the stacked (weight, bias))
         self._groups: list[tuple[nn.Module, list[Tensor], tuple[Tensor, Tensor | None]]] = []
         self._sources: list[Tensor] = []
-        self._versions: list[int] = []
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-            return  # someone observes every module call (register_module_forward_hook)
-        with torch.inference_mode():
+        if not (_module._global_forward_hooks or _module._global_forward_pre_hooks):
+            # (otherwise someone observes every module call: register_module_forward_hook)
             for module in model.modules():
                 names = getattr(type(module), "packed_linears", None)
                 sources = _sources([module._modules[name] for name in names]) if names else None
@@ -82,19 +81,20 @@ class PackedLinears:
 
 
 def _sources(layers: list[nn.Module]) -> list[Tensor] | None:
-    """The weights, then the biases, of ``layers``; None when they cannot or should not be stacked."""
+    """The weights, then the biases (all or none), of ``layers``; None when they cannot or should
+    not be stacked."""
     if any(type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
         return None
     if sum(layer.weight.numel() for layer in layers) > MAX_STACK_ELEMENTS:
         return None
-    biases = [layer.bias for layer in layers]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
+    biases = [layer.bias for layer in layers if layer.bias is not None]
+    if biases and len(biases) != len(layers):
         return None
-    return [layer.weight for layer in layers] + [b for b in biases if b is not None]
+    return [layer.weight for layer in layers] + biases
 
 
 def _stack(sources: list[Tensor]) -> tuple[Tensor, Tensor | None]:
-    weights = [t for t in sources if t.ndim == 2]
-    biases = [t for t in sources if t.ndim == 1]
+    """``(cat(weights), cat(biases) or None)`` of :func:`_sources`' list."""
+    n = len(sources) if sources[-1].ndim == 2 else len(sources) // 2
     with torch.inference_mode():
-        return torch.cat(weights), (torch.cat(biases) if biases else None)
+        return torch.cat(sources[:n]), (torch.cat(sources[n:]) if n < len(sources) else None)

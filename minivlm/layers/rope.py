@@ -18,7 +18,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-        self._table: tuple[tuple, Tensor] | None = None  # (key, [L, 2, Dh]): see tables()
+        self._table: tuple[tuple, Tensor] | None = None  # (key, [L, 2, Dh] cos and signed sin): see tables()
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, Dh/2]
@@ -38,16 +38,14 @@ class RotaryEmbedding(nn.Module):
         if limit is None or torch.compiler.is_compiling():
             return rope_tables(*self(position_ids), dtype)
         inv_freq = self.inv_freq
-        key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.dtype, inv_freq.device)
+        key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.dtype, inv_freq.device, dtype)
         if self._table is None or self._table[0] != key or self._table[1].shape[0] < limit:
             # A plain tensor even when first asked in inference mode: forwards outside it read it too.
+            # Built in the caller's dtype (rope_tables casts once), so a step does not cast.
             with torch.inference_mode(False):
-                cos, sin = rope_tables(*self(torch.arange(limit, device=inv_freq.device)[None]), torch.float32)
+                cos, sin = rope_tables(*self(torch.arange(limit, device=inv_freq.device)[None]), dtype)
                 self._table = (key, torch.stack((cos[0, 0], sin[0, 0]), dim=1))  # [L, 2, Dh]
-        cos, sin = self._table[1][position_ids].unsqueeze(1).unbind(-2)
-        if dtype != torch.float32:
-            cos, sin = cos.to(dtype), sin.to(dtype)
-        return cos, sin
+        return self._table[1][position_ids].unsqueeze(1).unbind(-2)
 
 
 def rotate_half(x: Tensor) -> Tensor:
