@@ -6,6 +6,12 @@ A difference of means over seeds is a *finding* when it exceeds twice its standa
 zero), and both sides have at least two finished seeds. The two standard errors are combined as
 for independent samples, which is conservative here: runs of one seed share their data order
 and initial RNG state, so their differences vary less than independent runs would.
+
+A share of ``n`` evaluated items (an accuracy, a recall@k) moves in steps of ``1 / n``, so a few
+seeds can agree exactly by chance: 199/200 on both seeds of one variant and 200/200 on both of the
+other is a spread of zero, not a certainty. Each side's spread over seeds is therefore taken as at
+least one such step (:attr:`Comparison.resolution`): a difference of a single item is never a
+finding, however well the seeds agree.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from minivlm.ablate.results import RunRecord, SeedStat, VariantSummary
 FINDING_SE = 2.0
 #: Fewest finished seeds on each side before a difference can be called a finding.
 MIN_SEEDS = 2
+#: Metrics that are not shares of evaluated items (no 1/n resolution): caption scores and ranks.
+NOT_SHARES = ("_bleu4", "_cider", "_rank")
 #: Share of comparisons with no true difference that still exceed FINDING_SE (normal errors).
 CHANCE_RATE = 0.0455
 
@@ -33,6 +41,9 @@ class Comparison:
     metric: str
     variant_stat: SeedStat
     baseline_stat: SeedStat
+    #: One evaluated item of the metric (``1 / items``; 0 for metrics that are not shares): the
+    #: least spread over seeds each side is taken to have.
+    resolution: float = 0.0
 
     @property
     def delta(self) -> float:
@@ -40,7 +51,8 @@ class Comparison:
 
     @property
     def se(self) -> float:
-        return math.hypot(self.variant_stat.se, self.baseline_stat.se)
+        return math.hypot(*(max(stat.std, self.resolution) / math.sqrt(stat.n)
+                            for stat in (self.variant_stat, self.baseline_stat)))
 
     @property
     def is_finding(self) -> bool:
@@ -50,7 +62,8 @@ class Comparison:
 
     @property
     def standard_errors(self) -> float:
-        """``|delta| / se``; infinite when the seeds agree exactly on different means."""
+        """``|delta| / se``; infinite when the seeds of a metric without a resolution (e.g. a caption
+        score) agree exactly on different means."""
         if self.se == 0:
             return math.inf if self.delta else 0.0
         return abs(self.delta) / self.se
@@ -74,8 +87,17 @@ def compare(summaries: Sequence[VariantSummary], baseline: str, metrics: Sequenc
             mine = s.stat(lambda r, m=metric: metric_value(r, m))
             theirs = base.stat(lambda r, m=metric: metric_value(r, m))
             if mine is not None and theirs is not None:
-                out.append(Comparison(s.variant.label, metric, mine, theirs))
+                out.append(Comparison(s.variant.label, metric, mine, theirs, resolution(metric, s, base)))
     return out
+
+
+def resolution(metric: str, *summaries: VariantSummary) -> float:
+    """One item of ``metric`` on the smaller evaluation of ``summaries`` (0 when not a share of items
+    or when the runs did not record how many items they evaluated)."""
+    if metric.endswith(NOT_SHARES):
+        return 0.0
+    items = [n for n in (s.fewest_items(metric) for s in summaries) if n]
+    return 1.0 / min(items) if items else 0.0
 
 
 def findings_markdown(comparisons: Sequence[Comparison], baseline_label: str) -> list[str]:

@@ -65,6 +65,7 @@ class RunRecord:
     final_loss: float | None = None
     eval_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # how many evaluated items each metric averages
     curve: list[tuple[int, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # run_info.json: finished, machine, wall_seconds
     train_seconds: float | None = None  # training, every invocation of a resumed run included
@@ -101,7 +102,7 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
         # The median step rate: robust to the odd step slowed by a checkpoint or a busy machine.
         tokens_per_s=statistics.median(rates) if rates else None,
         final_loss=statistics.fmean(final) if final else None, eval_loss=eval_loss,
-        metrics=dict(evaluation["metrics"]), curve=curve, info=info,
+        metrics=dict(evaluation["metrics"]), counts=dict(evaluation.get("counts") or {}), curve=curve, info=info,
         train_seconds=training_seconds(train), eval_seconds=evaluation.get("seconds"))
 
 
@@ -190,6 +191,11 @@ class VariantSummary:
         if not values:
             return None
         return SeedStat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+    def fewest_items(self, metric: str) -> int | None:
+        """The fewest evaluated items behind ``metric`` in any finished run (None when not recorded)."""
+        counts = [r.counts[metric] for r in self.finished if r.counts.get(metric)]
+        return min(counts) if counts else None
 
 
 def collect(grid: AblationGrid, out_dir: str | Path) -> list[VariantSummary]:

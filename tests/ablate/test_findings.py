@@ -71,6 +71,36 @@ def test_identical_seeds_on_different_means_are_infinitely_many_standard_errors(
     assert "inf SE" in "\n".join(findings_markdown([c], "base"))
 
 
+@pytest.mark.parametrize("variant, baseline, se, finding", [
+    ((0.995, 0.0, 2), (1.000, 0.0, 2), 0.005, False),  # one of 200 items on seeds that agree: 1.0 SE
+    ((0.900, 0.0, 2), (0.800, 0.0, 2), 0.005, True),   # twenty items: 20 SE, a finding with a finite SE
+    ((0.900, 0.03, 2), (0.800, 0.0, 2), 0.0215, True),  # a wider measured spread than one item is kept
+])
+def test_seeds_that_agree_exactly_are_taken_to_spread_by_one_evaluated_item(variant, baseline, se, finding):
+    c = Comparison("v", "retrieval/t2i_r@10", SeedStat(*variant), SeedStat(*baseline), resolution=1 / 200)
+    assert c.se == pytest.approx(se, abs=1e-4)
+    assert c.is_finding is finding and math.isfinite(c.standard_errors)
+
+
+def test_compare_takes_the_resolution_from_the_smaller_evaluation_and_only_for_shares(tmp_path):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2))
+    for variant, accuracy, items in (("projector=pixel_shuffle", 0.50, 200), ("projector=linear", 0.52, 50)):
+        write_seeds(tmp_path, variant, [accuracy, accuracy])
+        for seed in (0, 1):
+            path = tmp_path / variant / f"seed_{seed}" / "eval.json"
+            evaluation = json.loads(path.read_text())
+            evaluation["metrics"]["shapes/caption_cider"] = accuracy
+            path.write_text(json.dumps({**evaluation, "counts": {"shapes/accuracy": items,
+                                                                 "shapes/caption_cider": items}}))
+    by_metric = {c.metric: c for c in compare(collect(grid, tmp_path), grid.baseline().name,
+                                               ["shapes/accuracy", "shapes/caption_cider", "shapes/count"])}
+    assert by_metric["shapes/accuracy"].resolution == pytest.approx(1 / 50)  # linear evaluated 50 items
+    assert not by_metric["shapes/accuracy"].is_finding  # one item of 50: 0.02 apart, SE 0.02
+    assert by_metric["shapes/caption_cider"].resolution == 0.0  # a caption score is not a share of items
+    assert by_metric["shapes/caption_cider"].is_finding  # so exact agreement still decides
+    assert by_metric["shapes/count"].resolution == 0.0  # no counts recorded: as before
+
+
 def write_seeds(out_dir, variant: str, accuracies: list[float]) -> None:
     for seed, accuracy in enumerate(accuracies):
         fake_run(out_dir / variant / f"seed_{seed}", accuracy, [2.0, 1.0], 10.0)
