@@ -49,7 +49,7 @@ class DecoderAttention(nn.Module):
         """``x [B, T, D]`` or ``[B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``."""
         B, T = rope[0].shape[0], rope[0].shape[2]
         H, H_kv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.packed is None:
+        if self.packed is None or torch.is_grad_enabled():  # grad mode is per thread; stacks carry no gradients
             q = rotate(self.q(x).view(B, T, H, Dh).transpose(1, 2), rope)
             k = rotate(self.k(x).view(B, T, H_kv, Dh).transpose(1, 2), rope)
             v = self.v(x).view(B, T, H_kv, Dh).transpose(1, 2)

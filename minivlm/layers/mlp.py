@@ -51,7 +51,7 @@ class SwiGLU(nn.Module):
         self.packed: tuple[Tensor, Tensor | None] | None = None  # set by PackedLinears while decoding
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None:
+        if self.packed is None or torch.is_grad_enabled():  # as in DecoderAttention: per-thread grad mode
             return self.down(F.silu(self.gate(x)) * self.up(x))
         gate, up = F.linear(x, *self.packed).chunk(2, dim=-1)  # decoding: one product (PackedLinears)
         return self.down(F.silu(gate) * up)

@@ -41,8 +41,10 @@ class PackedLinears:
         with torch.inference_mode(), packs:
             logits = decode_step(model, cache, tokens)
 
-    Outside the block every ``packed`` is None again, so no other forward (training, a second
-    generation) ever reads a stack, and with gradients enabled nothing is attached. Groups are
+    Outside the block every ``packed`` is None again, and with gradients enabled nothing is
+    attached. The attribute is shared by every thread, so the modules also read it only when their
+    own thread has gradients off: a model training in one thread while another generates keeps its
+    gradients on its own layers. Groups are
     chosen when it is built: each of plain ``nn.Linear`` layers that no hook observes (a LoRA
     wrapper or a forward hook keeps its layers separate), with all or no biases and at most
     :data:`MAX_STACK_ELEMENTS` weights (stacking copies them once per generation). Entering checks

@@ -53,6 +53,34 @@ def test_stacks_are_attached_only_inside_the_block_and_never_with_gradients():
     assert all(m.packed is None for m in groups(model))
 
 
+def test_a_thread_training_while_another_decodes_keeps_its_gradients():
+    import threading
+
+    model = tiny_model()
+    ids = prompt(model)
+    entered, done = threading.Event(), threading.Event()
+
+    def decode():  # holds the stacks attached, as a generation in another thread would
+        with torch.inference_mode(), PackedLinears(model):
+            entered.set()
+            done.wait(timeout=60)
+
+    other = threading.Thread(target=decode)
+    other.start()
+    try:
+        assert entered.wait(timeout=60)
+        assert all(m.packed is not None for m in groups(model))  # visible from this thread too
+        model.train()
+        model(ids).logits.square().mean().backward()  # this thread has gradients on
+    finally:
+        done.set()
+        other.join()
+    for m in groups(model):
+        for name in type(m).packed_linears:
+            grad = getattr(m, name).weight.grad
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
 def test_generation_with_stacks_decodes_the_same_tokens():
     model = tiny_model(seed=3)
     ids = prompt(model, rows=3, length=7, seed=3)
