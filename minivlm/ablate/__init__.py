@@ -29,7 +29,9 @@ wall time).
 
 Resumable: a run is finished when its ``eval.json`` exists and is then skipped; an unfinished
 run continues from its newest checkpoint. A variant that raises is recorded (``error.json``,
-and the message in the results) and the sweep moves on.
+and the message in the results) and the sweep moves on. ``reuse_runs_from: <another sweep's
+output>`` copies the runs that train exactly as one there (a baseline two grids share) instead of
+training them again.
 
 Output in ``OUT``: ``runs.csv`` (one row per run), ``results.csv`` and ``results.md`` (one row
 per variant, mean and standard deviation over seeds), ``loss_curves.png``, ``metrics.png``, and
@@ -40,7 +42,8 @@ refused rather than mixed in). Tables give the mean ± standard error over seeds
 their standard error (:mod:`~minivlm.ablate.findings`).
 
 One idea per module: :mod:`~minivlm.ablate.grid` (the grid file and its variants),
-:mod:`~minivlm.ablate.run` (running the sweep), :mod:`~minivlm.ablate.results` (collecting runs
+:mod:`~minivlm.ablate.run` (running the sweep), :mod:`~minivlm.ablate.reuse` (runs taken from
+another sweep), :mod:`~minivlm.ablate.results` (collecting runs
 per variant), :mod:`~minivlm.ablate.findings` (what the differences support),
 :mod:`~minivlm.ablate.report` (tables and figures).
 """

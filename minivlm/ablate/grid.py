@@ -15,7 +15,8 @@ from minivlm.config import ConfigError, VLMConfig, apply_overrides, preset
 
 GRID_FILE = "grid.json"
 BASE_CONFIG_FILE = "base_config.json"  # the preset + data + overrides the runs were made from
-_GRID_KEYS = ("name", "base", "data", "steps", "tokens", "eval_limit", "seeds", "overrides", "axes", "design")
+_GRID_KEYS = ("name", "base", "data", "steps", "tokens", "eval_limit", "seeds", "overrides", "axes", "design",
+              "reuse_runs_from")
 #: How axes make variants: every combination, or the base plus each value changed on its own.
 DESIGNS = ("product", "one_at_a_time")
 _BUDGET_KEYS = ("base", "data", "steps", "tokens", "eval_limit", "overrides")
@@ -83,6 +84,9 @@ class AblationGrid:
             ``one_at_a_time``: the base config (variant ``base``) plus one variant per axis value
             that differs from the base, every other setting left as the base has it (the design
             of Karamcheti et al. 2024, "Prismatic VLMs", for axes too many to cross).
+        reuse_runs_from: another sweep's output directory (relative to the grid file): its
+            finished runs that train exactly as one of this grid's are copied, not trained again
+            (:mod:`minivlm.ablate.reuse`), e.g. a shared baseline.
     """
 
     name: str
@@ -95,6 +99,7 @@ class AblationGrid:
     overrides: tuple[str, ...] = ()
     axes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     design: str = "product"
+    reuse_runs_from: str | None = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -116,6 +121,7 @@ class AblationGrid:
             overrides=_parse_overrides(raw.get("overrides"), source),
             axes=_parse_axes(raw.get("axes"), source),
             design=str(raw.get("design", "product")),
+            reuse_runs_from=None if raw.get("reuse_runs_from") is None else str(raw["reuse_runs_from"]),
         )
         grid.check()
         return grid
@@ -141,7 +147,10 @@ class AblationGrid:
                 raise GridError(f"{path}: not valid JSON: {err}") from None
         else:
             raise GridError(f"{path}: expected a .yaml, .yml or .json grid file, got {path.suffix or 'no suffix'!r}")
-        return cls.from_dict(raw, str(path))
+        grid = cls.from_dict(raw, str(path))
+        if grid.reuse_runs_from is not None and not Path(grid.reuse_runs_from).is_absolute():
+            grid.reuse_runs_from = str(path.parent / grid.reuse_runs_from)  # as written in the file: beside it
+        return grid
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -194,7 +194,13 @@ def _conditions_line(summaries: Sequence[VariantSummary]) -> str:
     when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
     machines = "; ".join(sorted({r.info["machine"] for r in runs}))
     minutes = sum(r.seconds if r.seconds is not None else r.info["wall_seconds"] for r in runs) / 60
-    return f"- runs finished {when} on {machines}; {minutes:.0f} min of training and evaluation for {len(runs)} runs"
+    line = f"- runs finished {when} on {machines}; {minutes:.0f} min of training and evaluation for {len(runs)} runs"
+    reused = [(s.variant.name, r) for s in summaries for r in s.finished if r.info.get("reused_from")]
+    if reused:
+        sources = sorted({str(Path(r.info["reused_from"]).parent.parent) for _, r in reused})
+        line += (f" ({len(reused)} of them copied from {', '.join(f'`{d}`' for d in sources)}, the same training "
+                 f"under another name: {', '.join(f'`{name}/seed_{r.seed}`' for name, r in reused)})")
+    return line
 
 
 def _runs_cell(s: VariantSummary, n_seeds: int) -> str:

@@ -23,6 +23,7 @@ EVAL_FILE = "eval.json"
 EVAL_LOSS_FILE = "eval_loss.json"
 ERROR_FILE = "error.json"
 RUN_INFO_FILE = "run_info.json"  # when, where and how long a run took: tok/s mean little without it
+REUSED_FILE = "reused.json"  # a run copied from another sweep: where from (minivlm.ablate.reuse)
 
 #: Fraction of the final steps whose logged losses are averaged into "final train loss".
 FINAL_LOSS_FRACTION = 0.1
@@ -97,6 +98,8 @@ def read_run(run_dir: Path, variant: str, seed: int) -> RunRecord:
     if (run_dir / EVAL_LOSS_FILE).is_file():
         eval_loss = json.loads((run_dir / EVAL_LOSS_FILE).read_text())["eval_loss"]
     info = json.loads((run_dir / RUN_INFO_FILE).read_text()) if (run_dir / RUN_INFO_FILE).is_file() else {}
+    if (run_dir / REUSED_FILE).is_file():  # copied from another sweep (minivlm.ablate.reuse)
+        info["reused_from"] = json.loads((run_dir / REUSED_FILE).read_text())["from"]
     return RunRecord(
         variant, seed, "finished", steps=steps,
         # The median step rate: robust to the odd step slowed by a checkpoint or a busy machine.

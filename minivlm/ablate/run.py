@@ -12,7 +12,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 
 from minivlm.ablate.grid import _BUDGET_KEYS, BASE_CONFIG_FILE, GRID_FILE, AblationGrid, GridError, Variant
 from minivlm.ablate.report import write_report
+from minivlm.ablate.reuse import copy_run, reusable_runs
 from minivlm.ablate.results import (
     ERROR_FILE,
     EVAL_LOSS_FILE,
@@ -163,6 +164,7 @@ class SweepOutcome:
     failed: dict[str, str]
     interrupted: bool
     reports: dict[str, Path]
+    reused: list[str] = field(default_factory=list)  # copied from reuse_runs_from
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -203,8 +205,12 @@ def run_ablation(grid: AblationGrid, out_dir: str | Path,
     check_output_dir(grid, out_dir)
     atomic_write_json(out_dir / GRID_FILE, grid.to_dict())
     atomic_write_text(out_dir / BASE_CONFIG_FILE, grid.base_config().to_json() + "\n")
-    first, every = shard
-    plans = plan_runs(grid, out_dir)[first::every]
+    plans, twins = assign_runs(grid, out_dir, shard)
+    reused = []
+    for run_dir, twin in twins.items():
+        if copy_run(twin, run_dir):
+            log.info("%s: copied from %s (the same training)", run_dir, twin)
+            reused.append(f"{run_dir.parent.name}/{run_dir.name}")
     ran, skipped, failed, interrupted = [], [], {}, False
     for index, plan in enumerate(plans, start=1):
         tag = f"{plan.variant.name}/seed_{plan.seed}"
@@ -226,7 +232,20 @@ def run_ablation(grid: AblationGrid, out_dir: str | Path,
         else:
             failed[tag] = error
     reports = write_report(grid, out_dir)
-    return SweepOutcome(out_dir, ran, skipped, failed, interrupted, reports)
+    return SweepOutcome(out_dir, ran, skipped, failed, interrupted, reports, reused)
+
+
+def assign_runs(grid: AblationGrid, out_dir: str | Path, shard: tuple[int, int] = (0, 1)
+                ) -> tuple[list[PlannedRun], dict[Path, Path]]:
+    """The runs shard ``shard`` trains, and every run the grid copies from ``reuse_runs_from``
+    (``{run_dir: its twin there}``, :func:`~minivlm.ablate.reuse.reusable_runs`).
+
+    Shards deal out only the runs left to train, so a grid that copies some stays balanced.
+    """
+    plans = plan_runs(grid, out_dir)
+    twins = reusable_runs(grid, plans, grid.reuse_runs_from) if grid.reuse_runs_from is not None else {}
+    first, every = shard
+    return [plan for plan in plans if plan.run_dir not in twins][first::every], twins
 
 
 def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -> tuple[str, str]:

@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from minivlm.ablate import (AblationGrid, check_output_dir, is_finished, parse_shard, plan_runs, run_ablation,
-                                write_report)
+    from minivlm.ablate import AblationGrid, check_output_dir, is_finished, parse_shard, run_ablation, write_report
     from minivlm.ablate.grid import GRID_FILE
+    from minivlm.ablate.run import assign_runs
 
     first, every = shard = parse_shard(args.shard)
     grid = AblationGrid.load(args.grid_file).with_axes(args.grid).with_budget(args.steps, args.eval_limit)
@@ -40,9 +40,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         grid = grid.with_seeds(args.seeds)
     out_dir = Path(args.out) if args.out else Path("runs") / "ablations" / grid.name
     if args.dry_run:
-        plans = plan_runs(grid, out_dir)[first::every]
+        plans, twins = assign_runs(grid, out_dir, shard)
         print(f"grid {grid.name}: {len(grid.variants())} variants x {len(grid.seeds)} seeds -> {out_dir}"
               + (f" (shard {first}/{every}: {len(plans)} runs)" if every > 1 else ""))
+        for run_dir, twin in twins.items():
+            state = ("finished" if is_finished(run_dir) else
+                     f"to copy from {twin}" + ("" if is_finished(twin) else " once it finishes there"))
+            print(f"  {run_dir.parent.name}/{run_dir.name}: {state}")
         for plan in plans:
             state = ("finished" if is_finished(plan.run_dir) else
                      f"invalid: {plan.error}" if plan.config is None else f"to run, {plan.config.train.steps} steps")

@@ -54,3 +54,17 @@ def test_committed_results_belong_to_the_grid_as_it_is_now(path):
     planned = {run_dir_of(out_dir, v, seed) for v in grid.variants() for seed in grid.seeds}
     committed = {p.parent for p in out_dir.glob("*/seed_*/eval.json")}
     assert committed and committed <= planned
+
+
+def test_the_encoder_grid_copies_its_base_from_the_projector_baseline_and_nothing_else():
+    from minivlm.ablate import plan_runs
+    from minivlm.ablate.reuse import reusable_runs
+
+    if not (RESULTS / "projectors" / "grid.json").is_file():
+        pytest.skip("no committed projector results")
+    grid = AblationGrid.load(GRIDS[[p.stem for p in GRIDS].index("encoder_and_training")])
+    assert Path(grid.reuse_runs_from).resolve() == (RESULTS / "projectors").resolve()
+    out_dir = RESULTS / "encoder_and_training"
+    twins = reusable_runs(grid, plan_runs(grid, out_dir), grid.reuse_runs_from)
+    assert {(d.parent.name, d.name): (t.parent.name, t.name) for d, t in twins.items()} == {
+        ("base", f"seed_{s}"): ("projector=pixel_shuffle__fusion=splice", f"seed_{s}") for s in grid.seeds}
