@@ -33,11 +33,15 @@ def source(tmp_path_factory):
     return out
 
 
-def one_at_a_time(source_dir, **changes):
-    """The base plus linear (both trained in ``source``) plus two variants that were not."""
+#: The base and linear (both trained in ``source``) and two variants that were not.
+AXES = {"projector": ["linear", "pixel_shuffle"], "fusion": ["prefix"], "train.lr": [1e-3]}
+#: Only the two that ``source`` trained.
+SHARED_AXES = {"projector": ["linear", "pixel_shuffle"]}
+
+
+def one_at_a_time(source_dir, axes=None, **changes):
     return AblationGrid.from_dict(micro_grid(
-        name="other", steps=2, design="one_at_a_time", reuse_runs_from=str(source_dir),
-        axes={"projector": ["linear", "pixel_shuffle"], "fusion": ["prefix"], "train.lr": [1e-3]}, **changes))
+        name="other", steps=2, design="one_at_a_time", reuse_runs_from=str(source_dir), axes=axes or AXES, **changes))
 
 
 def test_runs_that_train_alike_are_copied_not_trained(source, tmp_path):
@@ -56,10 +60,11 @@ def test_runs_that_train_alike_are_copied_not_trained(source, tmp_path):
 
 
 def test_a_rerun_copies_nothing_twice(source, tmp_path):
-    run_ablation(one_at_a_time(source), tmp_path)
+    first = run_ablation(one_at_a_time(source, SHARED_AXES), tmp_path)
+    assert len(first.reused) == 2 and first.ran == []
     calls = []
-    again = run_ablation(one_at_a_time(source), tmp_path, runner=counting_runner(calls))
-    assert calls == [] and again.reused == [] and len(again.skipped) == 2
+    again = run_ablation(one_at_a_time(source, SHARED_AXES), tmp_path, runner=counting_runner(calls))
+    assert calls == [] and again.reused == [] and again.skipped == []
 
 
 def test_the_match_ignores_the_run_name_only():
@@ -110,7 +115,7 @@ def test_a_partial_attempt_is_replaced_by_the_finished_twin(source, tmp_path):
     partial = tmp_path / "base" / "seed_0"
     (partial / "checkpoints" / "step_000001").mkdir(parents=True)
     (partial / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
-    run_ablation(one_at_a_time(source), tmp_path)
+    run_ablation(one_at_a_time(source, SHARED_AXES), tmp_path)
     assert not (partial / "checkpoints").exists() and (partial / "eval.json").is_file()
     assert (partial / "metrics.jsonl").read_text() == (source / "projector=pixel_shuffle" / "seed_0" / "metrics.jsonl").read_text()
     assert not list(tmp_path.glob("base/.reuse.*"))  # no staging copy left behind
@@ -118,8 +123,8 @@ def test_a_partial_attempt_is_replaced_by_the_finished_twin(source, tmp_path):
 
 def test_another_evaluation_budget_reuses_nothing(source, tmp_path, caplog):
     calls = []
-    outcome = run_ablation(one_at_a_time(source, eval_limit=8), tmp_path, runner=counting_runner(calls))
-    assert outcome.reused == [] and len(calls) == 4
+    outcome = run_ablation(one_at_a_time(source, SHARED_AXES, eval_limit=8), tmp_path, runner=counting_runner(calls))
+    assert outcome.reused == [] and sorted(calls) == ["base/seed_0", "projector=linear/seed_0"]
     assert "evaluated eval_limit=4 test samples, this grid 8; nothing reused" in caplog.text
 
 
