@@ -203,9 +203,9 @@ def run_ablation(grid: AblationGrid, out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_dir(grid, out_dir)
+    plans, twins = assign_runs(grid, out_dir, shard)  # before writing anything: a bad source is refused
     atomic_write_json(out_dir / GRID_FILE, grid.to_dict())
     atomic_write_text(out_dir / BASE_CONFIG_FILE, grid.base_config().to_json() + "\n")
-    plans, twins = assign_runs(grid, out_dir, shard)
     reused = []
     for run_dir, twin in twins.items():
         if copy_run(twin, run_dir):

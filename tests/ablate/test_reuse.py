@@ -139,3 +139,12 @@ def test_the_path_in_a_grid_file_is_read_beside_the_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert AblationGrid.load("grids/g.yaml").reuse_runs_from == "grids/results/base"
     assert AblationGrid.load(path).reuse_runs_from == str(tmp_path / "grids" / "results" / "base")
+
+
+def test_a_sweep_cannot_copy_from_its_own_output_directory(source, tmp_path):
+    own = tmp_path / "own"
+    shutil.copytree(source, own)
+    before = (own / "grid.json").read_text()
+    with pytest.raises(GridError, match="is this sweep's own output directory"):
+        run_ablation(one_at_a_time(own, SHARED_AXES), own)
+    assert (own / "grid.json").read_text() == before  # refused before anything was written
