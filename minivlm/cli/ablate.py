@@ -64,7 +64,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 0
     outcome = run_ablation(grid, out_dir, shard=shard)
     print(outcome.reports["results_md"].read_text())
-    print(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, {len(outcome.failed)} failed")
+    print(f"ran {len(outcome.ran)}, skipped {len(outcome.skipped)} finished, {len(outcome.failed)} failed"
+          + (f", copied {len(outcome.reused)} from {grid.reuse_runs_from}" if outcome.reused else ""))
     for tag, error in outcome.failed.items():
         print(f"  failed {tag}: {error}")
     for name, path in outcome.reports.items():

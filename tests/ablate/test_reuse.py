@@ -59,6 +59,13 @@ def test_runs_that_train_alike_are_copied_not_trained(source, tmp_path):
     assert "| base |" in md and "| 1/1 |" in md.split("| base |")[1].splitlines()[0]
 
 
+def test_the_cli_says_how_many_runs_it_copied(source, tmp_path, capsys):
+    grid_file = write_grid(tmp_path / "other.yaml", micro_grid(
+        name="other", steps=2, design="one_at_a_time", reuse_runs_from=str(source), axes=SHARED_AXES))
+    assert main(["ablate", str(grid_file), "--out", str(tmp_path / "out")]) == 0
+    assert f"ran 0, skipped 0 finished, 0 failed, copied 2 from {source}" in capsys.readouterr().out
+
+
 def test_a_rerun_copies_nothing_twice(source, tmp_path):
     first = run_ablation(one_at_a_time(source, SHARED_AXES), tmp_path)
     assert len(first.reused) == 2 and first.ran == []
