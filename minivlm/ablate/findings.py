@@ -11,7 +11,10 @@ A share of ``n`` evaluated items (an accuracy, a recall@k) moves in steps of ``1
 seeds can agree exactly by chance: 199/200 on both seeds of one variant and 200/200 on both of the
 other is a spread of zero, not a certainty. Each side's spread over seeds is therefore taken as at
 least one such step (:attr:`Comparison.resolution`): a difference of a single item is never a
-finding, however well the seeds agree.
+finding, however well the seeds agree. Retrieval ranks have steps too: a mean rank over ``n``
+queries moves by ``1 / n`` when one query moves one place, and a median of integer ranks moves in
+half ranks (median rank 2 on every seed against 1 on every seed is a real but finite difference).
+Caption scores (BLEU-4, CIDEr) are continuous and keep their measured spread.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from minivlm.ablate.results import RunRecord, SeedStat, VariantSummary
 FINDING_SE = 2.0
 #: Fewest finished seeds on each side before a difference can be called a finding.
 MIN_SEEDS = 2
-#: Metrics that are not shares of evaluated items (no 1/n resolution): caption scores and ranks.
-NOT_SHARES = ("_bleu4", "_cider", "_rank")
+#: Continuous scores: no step, their spread over seeds is what it measures.
+SCORES = ("_bleu4", "_cider")
+#: The step of a median of integer ranks.
+MEDIAN_RANK_STEP = 0.5
 #: Share of comparisons with no true difference that still exceed FINDING_SE (normal errors).
 CHANCE_RATE = 0.0455
 
@@ -41,8 +46,8 @@ class Comparison:
     metric: str
     variant_stat: SeedStat
     baseline_stat: SeedStat
-    #: One evaluated item of the metric (``1 / items``; 0 for metrics that are not shares): the
-    #: least spread over seeds each side is taken to have.
+    #: The metric's smallest step (one evaluated item, ``1 / items``; half a rank for a median
+    #: rank; 0 for a caption score): the least spread over seeds each side is taken to have.
     resolution: float = 0.0
 
     @property
@@ -62,8 +67,8 @@ class Comparison:
 
     @property
     def standard_errors(self) -> float:
-        """``|delta| / se``; infinite when the seeds of a metric without a resolution (e.g. a caption
-        score) agree exactly on different means."""
+        """``|delta| / se``; infinite when the seeds of a caption score (no resolution) agree
+        exactly on different means."""
         if self.se == 0:
             return math.inf if self.delta else 0.0
         return abs(self.delta) / self.se
@@ -92,10 +97,13 @@ def compare(summaries: Sequence[VariantSummary], baseline: str, metrics: Sequenc
 
 
 def resolution(metric: str, *summaries: VariantSummary) -> float:
-    """One item of ``metric`` on the smaller evaluation of ``summaries`` (0 when not a share of items
-    or when the runs did not record how many items they evaluated)."""
-    if metric.endswith(NOT_SHARES):
+    """The smallest step of ``metric``: half a rank for a median rank; else one item (or one query
+    moving one place, for a mean rank) on the smaller evaluation of ``summaries``; 0 for a caption
+    score or when the runs did not record how many items they evaluated."""
+    if metric.endswith(SCORES):
         return 0.0
+    if metric.endswith("_median_rank"):
+        return MEDIAN_RANK_STEP
     items = [n for n in (s.fewest_items(metric) for s in summaries) if n]
     return 1.0 / min(items) if items else 0.0
 

@@ -59,7 +59,12 @@ class Variant:
 
     @property
     def label(self) -> str:
-        """Short human label for plots: the values joined, e.g. ``mlp / splice``."""
+        """Short human label for plots and findings: the values joined, e.g. ``mlp / splice``; a
+        variant that changes one setting names it (``stem=patch``, ``temporal_patch_size=1``), as
+        in a one-at-a-time grid a bare value (``1``) would not say which axis moved."""
+        if len(self.settings) == 1:
+            key, value = self.settings[0]
+            return f"{key.rsplit('.', 1)[-1]}={override_value(value)}"
         return " / ".join(override_value(v) for _, v in self.settings) or "base"
 
     def overrides(self) -> list[str]:

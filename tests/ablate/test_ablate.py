@@ -91,6 +91,14 @@ def test_variant_names_are_directory_safe():
     assert "/" not in Variant((("data.mixture", "jsonl:/data/a.jsonl"),)).name
 
 
+def test_variant_labels_say_which_axis_moved_when_one_did():
+    # One-at-a-time grids: "1" alone would not say it is encoder.temporal_patch_size.
+    assert Variant((("encoder.temporal_patch_size", 1),)).label == "temporal_patch_size=1"
+    assert Variant((("train.lr_scale", {"encoder": 0}),)).label == 'lr_scale={"encoder": 0}'
+    assert Variant((("projector", "mlp"), ("fusion", "splice"))).label == "mlp / splice"  # a product grid's point
+    assert Variant(()).label == "base"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]"),
     ({"tokens": 1000}, "give one budget, steps .* or tokens"),

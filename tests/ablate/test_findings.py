@@ -101,6 +101,36 @@ def test_compare_takes_the_resolution_from_the_smaller_evaluation_and_only_for_s
     assert by_metric["shapes/count"].resolution == 0.0  # no counts recorded: as before
 
 
+@pytest.mark.parametrize("metric, items, step", [
+    ("retrieval/i2t_median_rank", 200, 0.5),     # a median of integer ranks moves in half ranks
+    ("retrieval/i2t_median_rank", None, 0.5),    # whatever was counted
+    ("retrieval/t2i_mean_rank", 200, 1 / 200),   # one query of 200 moving one place
+    ("retrieval/i2t_r@5", 200, 1 / 200),         # one item of a share
+    ("retrieval/caption_cider", 200, 0.0),       # a continuous score keeps its measured spread
+])
+def test_every_metric_but_a_caption_score_has_a_smallest_step(tmp_path, metric, items, step):
+    grid = AblationGrid.from_dict(micro_grid(seeds=2))
+    for variant, value in (("projector=pixel_shuffle", 1.0), ("projector=linear", 2.0)):
+        write_seeds(tmp_path, variant, [0.5, 0.5])
+        for seed in (0, 1):
+            path = tmp_path / variant / f"seed_{seed}" / "eval.json"
+            evaluation = json.loads(path.read_text())
+            evaluation["metrics"][metric] = value
+            path.write_text(json.dumps({**evaluation, "counts": {metric: items} if items else {}}))
+    (c,) = compare(collect(grid, tmp_path), grid.baseline().name, [metric])
+    assert c.resolution == pytest.approx(step)
+    assert math.isfinite(c.standard_errors) is (step > 0)
+
+
+def test_median_ranks_that_agree_on_every_seed_are_a_finite_finding():
+    # Seen in the encoder grid: a frozen encoder's median rank 2 on every seed, the baseline's 1.
+    c = Comparison("lr_scale", "retrieval/i2t_median_rank", SeedStat(2.0, 0.0, 3), SeedStat(1.0, 0.0, 3),
+                   resolution=0.5)
+    assert c.se == pytest.approx(math.hypot(0.5 / math.sqrt(3), 0.5 / math.sqrt(3)))
+    assert c.is_finding and c.standard_errors == pytest.approx(2.45, abs=0.01)
+    assert "2.4 SE" in "\n".join(findings_markdown([c], "base"))
+
+
 def write_seeds(out_dir, variant: str, accuracies: list[float]) -> None:
     for seed, accuracy in enumerate(accuracies):
         fake_run(out_dir / variant / f"seed_{seed}", accuracy, [2.0, 1.0], 10.0)
@@ -113,12 +143,12 @@ def test_the_report_lists_each_finding_and_only_those(tmp_path):
     write_seeds(tmp_path, "projector=mlp", [0.40, 0.56, 0.66])           # -0.01, SE 0.077: not one
     summaries = collect(grid, tmp_path)
     comparisons = compare(summaries, grid.baseline().name, ["shapes/accuracy"])
-    assert [(c.variant, c.is_finding) for c in comparisons] == [("linear", True), ("mlp", False)]
+    assert [(c.variant, c.is_finding) for c in comparisons] == [("projector=linear", True), ("projector=mlp", False)]
     md = results_markdown(grid, summaries)
     findings = md[md.index("## Findings"):]
-    assert "against the baseline `pixel_shuffle`" in findings
-    assert "- `linear`: shapes/accuracy 0.720 vs 0.520 (+0.200 ± 0.016, 12.2 SE)" in findings
-    assert "`mlp`: shapes/accuracy" not in findings
+    assert "against the baseline `projector=pixel_shuffle`" in findings
+    assert "- `projector=linear`: shapes/accuracy 0.720 vs 0.520 (+0.200 ± 0.016, 12.2 SE)" in findings
+    assert "`projector=mlp`: shapes/accuracy" not in findings
     assert "Of 6 comparisons about 0 would pass 2 SE by chance alone" in findings  # 2 variants x 3 metrics
     assert "0.720 ± 0.012" in md  # the table's error is the standard error: 0.02 / sqrt(3)
 
@@ -155,9 +185,10 @@ def test_the_cost_quality_figure_has_a_point_per_variant_at_its_flops(tmp_path):
     points = {bars.get_label(): (bars.lines[0].get_xdata()[0], bars.lines[0].get_ydata()[0])
               for bars in ax.containers}
     flops = {s.variant.label: s.shape.flops_per_sample / 1e9 for s in summaries}
-    assert points == {"linear": pytest.approx((flops["linear"], 0.75)),
-                      "pixel_shuffle (baseline)": pytest.approx((flops["pixel_shuffle"], 0.55))}
-    assert flops["linear"] > flops["pixel_shuffle"]  # 4x the image tokens
+    linear, pixel_shuffle = flops["projector=linear"], flops["projector=pixel_shuffle"]
+    assert points == {"projector=linear": pytest.approx((linear, 0.75)),
+                      "projector=pixel_shuffle (baseline)": pytest.approx((pixel_shuffle, 0.55))}
+    assert linear > pixel_shuffle  # 4x the image tokens
     low, high = ax.get_ylim()
     assert high - low >= 0.1 and low <= 0.55 - 0.05 and high >= 0.75 + 0.05  # both points, error bars, margins
 
