@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import weakref
@@ -44,6 +43,8 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from minivlm.provenance import source_commit
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -136,15 +137,6 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
-
-
 def device_name(device: torch.device) -> str:
     """The card name on CUDA; on CPU the processor and how many cores this process may use."""
     if device.type == "cuda":
@@ -172,7 +164,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "transformers": _package_version("transformers"),
         "python": platform.python_version(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": _git_commit(),
+        "commit": source_commit(),
         "argv": sys.argv[1:],
     }
 

@@ -25,7 +25,7 @@ initial RNG state, for the same number of steps (or, with ``tokens``, the same n
 training tokens), and is scored on the same test samples; a preset's wall-clock limit
 (``train.max_minutes``) is switched off. Each run goes through :func:`minivlm.train.recipe.run`
 into ``OUT/<variant>/seed_<s>/``, plus ``eval_loss.json`` and ``run_info.json`` (date, machine,
-wall time).
+wall time, the minivlm commit: :func:`minivlm.provenance.source_commit`).
 
 Resumable: a run is finished when its ``eval.json`` exists and is then skipped; an unfinished
 run continues from its newest checkpoint. A variant that raises is recorded (``error.json``,

@@ -69,7 +69,7 @@ def write_report(grid: AblationGrid, out_dir: str | Path) -> dict[str, Path]:
 def _write_runs_csv(summaries: Sequence[VariantSummary], path: Path) -> Path:
     metrics = sorted({k for s in summaries for r in s.runs for k in r.metrics})
     fields = ["variant", "seed", "status", "steps", "tokens_per_s", "final_loss", "eval_loss"]
-    info = ["finished", "wall_seconds", "machine"]
+    info = ["finished", "wall_seconds", "machine", "code"]
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*fields, *metrics, *info, "error"])
         writer.writeheader()

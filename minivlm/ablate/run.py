@@ -31,6 +31,7 @@ from minivlm.ablate.results import (
 )
 from minivlm.config import VLMConfig
 from minivlm.io_atomic import atomic_write_json, atomic_write_text
+from minivlm.provenance import source_commit
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,7 @@ def _run_one(plan: PlannedRun, grid: AblationGrid, runner: Callable[..., Any]) -
     atomic_write_text(run_dir / RUN_INFO_FILE, json.dumps({
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_description(_training_threads(run_dir)),
+        "code": source_commit(),  # the minivlm commit that trained it; None outside a git checkout
         # Of this invocation only: a resumed run's earlier part is not included.
         "wall_seconds": round(time.perf_counter() - started, 1)}) + "\n")
     # The final model is in model/; the training state only served resumption.

@@ -15,6 +15,7 @@ import yaml
 from minivlm import ablate
 from minivlm.ablate import AblationGrid, GridError, Variant, plan_runs, run_ablation, write_report
 from minivlm.cli import main
+from minivlm.provenance import source_commit
 from minivlm.registry import image_tokens
 
 #: A model and data small enough that one run (train + eval) takes a few seconds on 2 cores: 48 px
@@ -176,6 +177,7 @@ def test_sweep_writes_tables_and_plots_and_a_rerun_skips_finished_runs(tmp_path,
 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["wall_seconds"] > 0 and ("CPU" in info["machine"] or "GPU" in info["machine"])
+    assert info["code"] == source_commit()  # the code that trained it (None outside a git checkout)
     if "CPU" in info["machine"]:  # the threads the run trained with, as its log says
         threads = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["threads"]
         assert f"{threads} torch thread" in info["machine"]
