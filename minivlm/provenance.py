@@ -16,8 +16,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def source_commit(path: Path = PACKAGE_DIR) -> str | None:
     """The short commit of the git checkout holding ``path`` (the minivlm package by default),
     with ``+dirty`` when tracked files under ``path`` differ from it; None outside a git checkout
-    (an installed wheel) or without git."""
+    or without git, and None when the checkout does not track ``path`` (a wheel installed into a
+    virtual environment that happens to sit inside some project's repository)."""
     try:
+        tracked = subprocess.run(["git", "ls-files", "--", "."], cwd=path, capture_output=True, text=True, timeout=10)
+        if tracked.returncode != 0 or not tracked.stdout.strip():
+            return None
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0 or not head.stdout.strip():

@@ -50,3 +50,12 @@ def test_only_the_package_folder_decides_dirtiness(checkout):
 
 def test_outside_a_git_checkout_there_is_no_commit(tmp_path):
     assert source_commit(tmp_path) is None
+
+
+def test_a_folder_the_checkout_does_not_track_has_no_commit(checkout):
+    # e.g. minivlm installed as a wheel into an ignored .venv/ inside another project's repository
+    installed = checkout.parent / ".venv" / "site-packages" / "pkg"
+    installed.mkdir(parents=True)
+    (installed / "model.py").write_text("x = 1\n")
+    (checkout.parent / ".gitignore").write_text(".venv/\n")
+    assert source_commit(installed) is None
