@@ -389,6 +389,41 @@ def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
     assert torch.stack(tokens, 1).tolist() == generate_tokens(model, conversations()[:3], max_new_tokens=6)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_second_prompt_reuses_the_compiled_step(fusion):
+    """A new prompt of the same shape is a new cache for the same graph: no recompilation. (The
+    cross-attention images once lived in a weak dictionary keyed by the cache; the compiler
+    guarded on its entries, so every prompt recompiled, and a dead cache collected while it
+    traced crashed the compilation.)"""
+    model = lively_model(fusion)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(decode_step, backend=counting_backend, fullgraph=True, dynamic=False)
+    first, second = conversations()[:3], conversations()[1:4]
+    replies = []
+    for batch in (first, second, first):
+        inputs = model.processor(batch, add_generation_prompt=True, padding_side="left")
+        ids = inputs["input_ids"]
+        cache = model.decoder.new_cache(ids.shape[0], model.config.decoder.max_seq_len)
+        with torch.no_grad():
+            logits = prefill(model, cache, ids, inputs["attention_mask"].bool(), inputs["pixel_values"])
+            tokens = []
+            for _ in range(4):
+                logits[:, model.config.image_token_id] = float("-inf")
+                tokens.append(logits.argmax(-1))
+                logits = step(model, cache, tokens[-1])
+        replies.append(torch.stack(tokens, 1).tolist())
+        del cache
+    assert len(graphs) == 1
+    assert replies[0] == replies[2] == generate_tokens(model, first, max_new_tokens=4)
+    assert replies[1] == generate_tokens(model, second, max_new_tokens=4)
+
+
 @pytest.mark.parametrize("fusion", ["splice", "cross_attention"])
 def test_compile_option_gives_the_same_tokens(fusion):
     model = lively_model(fusion)

@@ -16,15 +16,17 @@ Keys are the image tokens of the whole batch, ``[N * P, D]``, shared by every ro
 mask admits only its own images (:meth:`AttentionMask.cross`). Every shape then follows from the
 inputs' shapes, with no count read back from the device, so the forward compiles as one graph.
 
-Decoding: the prefill's images are kept by the fusion itself, per KV cache they were prefilled
-into (:class:`CrossAttentionState`, weakly: they go with the cache); decode steps bring no image and
-reuse them, so a generation's cache holds keys and values only.
+Decoding: the prefill's images (:class:`CrossAttentionState`) are the fusion's own state for the
+KV cache they were prefilled into, kept in the cache's opaque per-part slot
+(:attr:`StaticKVCache.part_state`, keyed by this module) so they live and die with it; decode
+steps bring no image and reuse them. (A ``WeakKeyDictionary`` on the fusion, keyed by the cache,
+broke ``torch.compile``: the compiler guards on the dictionary's entries, and a dead cache
+collected while it traced removed one under it.)
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -139,8 +141,6 @@ class CrossAttentionFusion(nn.Module):
         self.blocks = nn.ModuleList(
             GatedCrossAttentionBlock(d.width, f.n_heads or d.n_heads, d.mlp_dim, d.norm_eps) for _ in range(n_blocks)
         )
-        # The images prefilled into each live KV cache (module docstring); dropped with the cache.
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def forward(self, text_embeds: Tensor, image_embeds: Tensor | None, input_ids: Tensor, mask: AttentionMask,
                 cache=None) -> FusedInputs:
@@ -149,12 +149,12 @@ class CrossAttentionFusion(nn.Module):
             images, key_ids = image_keys(image_embeds, is_marker)
             state = CrossAttentionState(images, key_ids, torch.zeros_like(is_marker[:, 0], dtype=torch.long))
         else:  # text only, or a decode step: the images this cache was prefilled with, if any
-            state = None if cache is None else self._states.get(cache)
+            state = None if cache is None else cache.part_state.get(self)
         if state is None:
             return FusedInputs(text_embeds, mask)
         seen = state.images_seen[:, None] + torch.cumsum(is_marker.long(), dim=1)  # [B, T]
         if cache is not None and image_embeds is not None:  # a prefill: keep the images for the decode steps
-            self._states[cache] = CrossAttentionState(state.images, state.key_image_ids, seen[:, -1].clone())
+            cache.part_state[self] = CrossAttentionState(state.images, state.key_image_ids, seen[:, -1].clone())
         elif cache is not None:  # a decode step: same state object, updated in place (one compiled graph)
             state.images_seen.copy_(seen[:, -1])
         # Packed rows: the images of earlier documents are not this token's to see.

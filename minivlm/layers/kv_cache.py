@@ -13,8 +13,9 @@ the written prefix (measured ~2.5x cheaper than the masked call over the whole b
 A compiled step cannot follow the host count without a recompilation per step, so the first
 compiled step switches the cache to whole-buffer reads for good.
 
-The cache holds keys and values only; a part with its own decoding state (cross-attention's
-images) keeps it itself, per cache.
+The cache's own state is keys and values. A part with decoding state of its own (cross-attention's
+prefilled images) keeps it in :attr:`StaticKVCache.part_state`, under its own key: the cache
+never reads it, and it goes with the cache.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class StaticKVCache:
         key_valid: ``[B, max_len]`` bool, True where a real token has been written.
         position: ``[1]`` long, the next column to write.
         tokens_seen: ``[B]`` long, real tokens per row so far: the rotary position of the next one.
+        part_state: ``{part: state}``, what other parts keep per generation (opaque to the cache).
         read_len: the key columns the running forward's attention reads: the columns written
             including this forward's (eager), or ``max_len`` (whole-buffer reads).
     """
@@ -55,6 +57,8 @@ class StaticKVCache:
         self._padded = False  # a padding column has been written: attention needs key_valid
         self._columns: Tensor | None = None  # the columns the running forward writes
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
+        #: Decoding state of other parts for this cache, keyed by the part (module docstring).
+        self.part_state: dict[object, object] = {}
 
     @property
     def batch_size(self) -> int:
