@@ -20,6 +20,7 @@ from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.kv_cache import StaticKVCache
 from minivlm.layers.mlp import SwiGLU
 from minivlm.layers.norms import RMSNorm
+from minivlm.layers.packed_linear import PackedWeight, packed_linear
 from minivlm.layers.rope import RotaryEmbedding, rotate
 
 #: Called before decoder layer ``i`` as ``hidden = hook(i, hidden)``; how cross-attention fuses.
@@ -31,7 +32,7 @@ class DecoderAttention(nn.Module):
     flattened ``[B * T, D]`` (the projections are then plain 2-D matmuls) -> the same shape;
     attention runs as ``[B, H, T, Dh]``."""
 
-    packed_linears = ("q", "k", "v")  # see minivlm.layers.packed_linear
+    packed_linears = (("q", "k", "v"), ("o",))  # see minivlm.layers.packed_linear
 
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -42,43 +43,60 @@ class DecoderAttention(nn.Module):
         self.v = nn.Linear(cfg.width, self.n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(self.n_heads * self.head_dim, cfg.width, bias=False)
         self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
-        self.packed: tuple[Tensor, Tensor | None] | None = None  # set by PackedLinears while decoding
+        self.packed: tuple[PackedWeight, PackedWeight] | None = None  # set by PackedLinears while decoding
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
-                cache: StaticKVCache | None = None) -> Tensor:
-        """``x [B, T, D]`` or ``[B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``."""
+                cache: StaticKVCache | None = None, residual: Tensor | None = None) -> Tensor:
+        """``x [B, T, D]`` or ``[B * T, D]``; ``rope``: :func:`~minivlm.layers.rope.rope_tables` ``[B, 1, T, Dh]``;
+        ``residual`` (shaped like ``x``): added to the output."""
         B, T = rope[0].shape[0], rope[0].shape[2]
         H, H_kv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.packed is None or torch.is_grad_enabled():  # grad mode is per thread; stacks carry no gradients
+        packed = self.packed
+        if packed is None or torch.is_grad_enabled():  # grad mode is per thread; packed copies carry no gradients
+            packed = None
             q = rotate(self.q(x).view(B, T, H, Dh).transpose(1, 2), rope)
             k = rotate(self.k(x).view(B, T, H_kv, Dh).transpose(1, 2), rope)
             v = self.v(x).view(B, T, H_kv, Dh).transpose(1, 2)
         else:  # decoding (PackedLinears): one product, heads side by side; q and k rotate in one call
-            qkv = F.linear(x, *self.packed).view(B, T, H + 2 * H_kv, Dh).transpose(1, 2)
+            qkv = packed_linear(x, packed[0]).view(B, T, H + 2 * H_kv, Dh).transpose(1, 2)
             qk, v = qkv.split((H + H_kv, H_kv), dim=1)
             q, k = rotate(qk, rope).split((H, H_kv), dim=1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, mask, backend=self.attention_backend)
-        return self.o(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        out = attention(q, k, v, mask, backend=self.attention_backend).transpose(1, 2).reshape(*x.shape[:-1], -1)
+        if packed is not None:
+            return packed_linear(out, packed[1], residual)
+        return self.o(out) if residual is None else residual + self.o(out)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; ``[B * T, D]`` in and out."""
+
+    packed_norms = (("attn_norm", "attn"), ("mlp_norm", "mlp"))  # see minivlm.layers.packed_linear
+
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.attn = DecoderAttention(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.width, cfg.mlp_dim)
+        self.packed: bool | None = None  # True while decoding with the norms folded (PackedLinears)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: AttentionMask,
                 cache: StaticKVCache | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        if self.packed is None or torch.is_grad_enabled():
+            x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+            return x + self.mlp(self.mlp_norm(x))
+        # Decoding (PackedLinears): each norm runs inside the product after it (its weight folded
+        # in, its scale one batched dot product) and each residual add inside the product before it.
+        x = self.attn(x, rope, mask, cache, residual=x)
+        return self.mlp(x, residual=x)
 
 
 class LlamaDecoder(nn.Module):
     """``forward(embeds [B, T, D], mask, position_ids [B, T]) -> hidden [B, T, D]`` (final-normed)."""
+
+    packed_linears = (("lm_head",),)  # see minivlm.layers.packed_linear
 
     def __init__(self, config: VLMConfig | DecoderConfig):
         super().__init__()
@@ -95,6 +113,7 @@ class LlamaDecoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False
+        self.packed: tuple[PackedWeight] | None = None  # set by PackedLinears while decoding
 
     @classmethod
     def check_config(cls, config: VLMConfig) -> None:
@@ -133,5 +152,8 @@ class LlamaDecoder(nn.Module):
         return self.norm(h).view(B, T, D)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """``[B, T, D] -> [B, T, V]``."""
-        return self.lm_head(hidden)
+        """``[B, T, D] -> [B, T, V]`` (or ``[B, D] -> [B, V]``)."""
+        packed = self.packed
+        if packed is None or torch.is_grad_enabled():
+            return self.lm_head(hidden)
+        return packed_linear(hidden, packed[0])  # decoding (PackedLinears): the head stored transposed

@@ -132,7 +132,14 @@ def stream_tokens(model, input_ids: Tensor, attention_mask: Tensor | None = None
 
 
 def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
-            config: GenerationConfig, text_vocab: int | None = None) -> Iterator[Tensor]:
+            config: GenerationConfig, text_vocab: int | None = None, *, hold: bool = False) -> Iterator[Tensor]:
+    """The decode loop of :func:`stream_tokens` (arguments already checked).
+
+    ``hold``: stay in inference mode with the packed weights attached from the first token to the
+    last, across the yields, instead of entering both around each token (~15 us per token at the
+    benchmark's small shapes). Only for a consumer that runs no code of its caller between tokens
+    (:func:`generate`); it must close the iterator, which leaves both.
+    """
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if pixel_values is not None:
@@ -143,39 +150,45 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tens
     step = decode_step
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     vocab = model.config.decoder.vocab_size
-    # Eager steps run the stacked projections (one product for q/k/v, one for gate/up); a
-    # compiled step fuses the separate ones itself.
-    packs = contextlib.nullcontext() if config.compile else PackedLinears(model)
+    # Eager steps run the packed projections (one product for q/k/v, one for gate/up, weights
+    # stored transposed); a compiled step fuses the separate ones itself.
+    packs = contextlib.nullcontext() if config.compile else PackedLinears.for_model(model)
     # inference_mode, not no_grad: no autograd bookkeeping per op (decode is op-bound at small sizes).
-    with torch.inference_mode():
-        cache = model.decoder.new_cache(B, max_len)
-        if config.compile:
-            # CUDA graphs replay fixed addresses: the buffers each step writes in place must stay put
-            # (inputs mutated at unmarked addresses make inductor skip CUDA graphs).
-            for buffer in cache.buffers():
-                torch._dynamo.mark_static_address(buffer)
-            step = compiled_decode_step(config.compile_backend, config.compile_mode)
-        with packs:
-            logits = prefill(model, cache, input_ids, attention_mask, pixel_values)
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if config.repetition_penalty != 1 else None
-        # An image placeholder without an image breaks the fusion's bookkeeping: never generate one.
-        suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
-        suppress[model.config.image_token_id] = True
-        if text_vocab is not None:
-            suppress[text_vocab:] = True  # rows padding a published model's vocabulary have no token
-    tokens = None
-    for _ in range(config.max_new_tokens):
-        # One inference-mode block per token (entering one costs as much as a small op): the step
-        # that consumes the previous token runs only once the caller asks for the next one.
-        with torch.inference_mode(), packs:
-            if tokens is not None:
-                logits = step(model, cache, tokens)
-            # The step's logits are its own fresh tensor: masking them in place saves a copy.
-            tokens = pick_tokens(process_logits(logits.masked_fill_(suppress, float("-inf")), config, seen),
-                                 config, generator)
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-        yield tokens
+    mode = torch.inference_mode()  # one object, entered once per token (or once: hold)
+    with contextlib.ExitStack() as held:
+        if hold:
+            held.enter_context(mode)
+            held.enter_context(packs)
+            mode = packs = contextlib.nullcontext()
+        with mode:
+            cache = model.decoder.new_cache(B, max_len)
+            if config.compile:
+                # CUDA graphs replay fixed addresses: the buffers each step writes in place must stay put
+                # (inputs mutated at unmarked addresses make inductor skip CUDA graphs).
+                for buffer in cache.buffers():
+                    torch._dynamo.mark_static_address(buffer)
+                step = compiled_decode_step(config.compile_backend, config.compile_mode)
+            with packs:
+                logits = prefill(model, cache, input_ids, attention_mask, pixel_values)
+            seen = torch.zeros(B, vocab, dtype=torch.bool, device=device) if config.repetition_penalty != 1 else None
+            # An image placeholder without an image breaks the fusion's bookkeeping: never generate one.
+            suppress = torch.zeros(vocab, dtype=torch.bool, device=device)
+            suppress[model.config.image_token_id] = True
+            if text_vocab is not None:
+                suppress[text_vocab:] = True  # rows padding a published model's vocabulary have no token
+        tokens = None
+        for _ in range(config.max_new_tokens):
+            # One inference-mode block per token (entering one costs as much as a small op): the step
+            # that consumes the previous token runs only once the caller asks for the next one.
+            with mode, packs:
+                if tokens is not None:
+                    logits = step(model, cache, tokens)
+                # The step's logits are its own fresh tensor: masking them in place saves a copy.
+                tokens = pick_tokens(process_logits(logits.masked_fill_(suppress, float("-inf")), config, seen),
+                                     config, generator)
+                if seen is not None:
+                    seen.scatter_(1, tokens[:, None], True)
+            yield tokens
 
 
 @dataclass
@@ -236,8 +249,11 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, pix
     config = (config or GenerationConfig()).validate()
     if config.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the generated text")
-    stream = stream_tokens(model, input_ids, attention_mask, pixel_values, config,
-                           len(tokenizer) if tokenizer is not None else None)
+    attention_mask = check_prompt(model, input_ids, attention_mask, pixel_values, config)
+    # This loop reads the tokens and runs no caller code in between: the stream may hold inference
+    # mode and the packed weights from the first token to the last (closed below, whatever happens).
+    stream = _decode(model, input_ids, attention_mask, pixel_values, config,
+                     len(tokenizer) if tokenizer is not None else None, hold=True)
     B = input_ids.shape[0]
     replies = [ReplyText(tokenizer, config.stop_strings) if tokenizer is not None else None for _ in range(B)]
     tokens: list[list[int]] = [[] for _ in range(B)]

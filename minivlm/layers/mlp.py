@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minivlm.layers.packed_linear import PackedWeight, packed_linear
+
 
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP was trained with."""
@@ -41,17 +43,20 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """Gated feed-forward (Shazeer 2020), Llama layout: ``down(silu(gate(x)) * up(x))``."""
 
-    packed_linears = ("gate", "up")  # see minivlm.layers.packed_linear
+    packed_linears = (("gate", "up"), ("down",))  # see minivlm.layers.packed_linear
 
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
         self.gate = nn.Linear(dim, hidden, bias=bias)
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.down = nn.Linear(hidden, dim, bias=bias)
-        self.packed: tuple[Tensor, Tensor | None] | None = None  # set by PackedLinears while decoding
+        self.packed: tuple[PackedWeight, PackedWeight] | None = None  # set by PackedLinears while decoding
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None or torch.is_grad_enabled():  # as in DecoderAttention: per-thread grad mode
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        gate, up = F.linear(x, *self.packed).chunk(2, dim=-1)  # decoding: one product (PackedLinears)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x [..., D] -> [..., D]``, plus ``residual`` (shaped like the output) if given."""
+        packed = self.packed
+        if packed is None or torch.is_grad_enabled():  # as in DecoderAttention: per-thread grad mode
+            out = self.down(F.silu(self.gate(x)) * self.up(x))
+            return out if residual is None else residual + out
+        gate, up = packed_linear(x, packed[0]).chunk(2, dim=-1)  # decoding: one product (PackedLinears)
+        return packed_linear(F.silu(gate) * up, packed[1], residual)
