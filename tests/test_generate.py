@@ -363,6 +363,32 @@ def test_an_interrupted_stream_leaves_the_model_and_autograd_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
+def test_generate_interrupted_by_its_tokenizer_leaves_inference_mode_and_the_packed_weights():
+    """generate() holds inference mode and the packed weights across its own loop; whatever stops
+    the loop (here the tokenizer raising on the third token) leaves neither behind."""
+    model = lively_model()
+    batch = model.processor(conversations()[:1], add_generation_prompt=True, padding_side="left")
+
+    class FailingTokenizer:
+        calls = 0
+
+        def __len__(self):
+            return len(model.processor.tokenizer)
+
+        def decode(self, ids, skip_special_tokens=True):
+            FailingTokenizer.calls += 1
+            if FailingTokenizer.calls == 3:
+                raise RuntimeError("tokenizer broke")
+            return "x" * len(ids)
+
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        generate(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                 GenerationConfig(max_new_tokens=8), tokenizer=FailingTokenizer())
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    assert all(getattr(m, "packed", None) is None for m in model.modules())
+    model(batch["input_ids"], batch["pixel_values"]).logits.sum().backward()  # training works as before
+
+
 # ---- the compiled decode step ----------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
