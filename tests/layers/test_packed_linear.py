@@ -202,15 +202,15 @@ def test_a_model_keeps_its_packed_weights_between_generations():
     model = tiny_model()
     packs = PackedLinears.for_model(model)
     assert PackedLinears.for_model(model) is packs  # nothing changed: no copy
-    weight_t = model.decoder.layers[0].attn.q.weight
     with torch.no_grad():
-        weight_t.mul_(2)  # in place: the same object, re-copied when entered
-    assert PackedLinears.for_model(model) is packs
+        model.decoder.layers[0].attn.q.weight.mul_(2)  # in place: re-copied when entered
     ids = prompt(model)
     with torch.inference_mode():
         expected = model(ids).logits
-        with packs:
+        with packs:  # the copies taken before the change
             torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    packs = PackedLinears.for_model(model)
+    assert PackedLinears.for_model(model) is packs
     model.decoder.layers[1].mlp.down.register_forward_hook(lambda *a: None)  # observed now: rebuilt
     rebuilt = PackedLinears.for_model(model)
     assert rebuilt is not packs
@@ -231,3 +231,25 @@ def test_packed_weights_go_with_their_model():
     del model
     gc.collect()
     assert alive() is None  # the kept copies do not hold the model
+
+
+def test_writes_through_data_are_not_left_stale_between_generations():
+    """``p.data`` writes bump no version counter (an EMA written that way, a manual reload): the
+    kept copies are checked against the weights' storage and a sample of their values."""
+    model = tiny_model(seed=3)
+    ids = prompt(model, rows=2, length=7, seed=3)
+    config = GenerationConfig(max_new_tokens=10)
+    generate(model, ids, config=config)
+    kept = PackedLinears.for_model(model)
+    for p in model.decoder.parameters():
+        p.data.mul_(1.7)  # in place, no version bump
+    assert PackedLinears.for_model(model) is not kept
+    fresh = tiny_model(seed=3)
+    with torch.no_grad():
+        for p in fresh.decoder.parameters():
+            p.mul_(1.7)
+    assert generate(model, ids, config=config).tokens == generate(fresh, ids, config=config).tokens
+    kept = PackedLinears.for_model(model)
+    layer = model.decoder.layers[2].mlp.down
+    layer.weight.data = layer.weight.detach().clone() * 0  # a new storage
+    assert PackedLinears.for_model(model) is not kept
