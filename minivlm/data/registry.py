@@ -240,6 +240,9 @@ register_dataset("video", _synthetic(VideoDataset))
 register_dataset("retrieval", _synthetic(RetrievalDataset))
 for _task in (ShapesDataset, ChartsDataset, MultiImageDataset):
     register_dataset(f"{_task.task}_grouped", lambda request, task=_task: GroupedQuestions(_synthetic(task)(request)))
+# Shapes grouped with count questions as the task draws them (answers 0-4 as in its test split).
+register_dataset("shapes_grouped_drawn_counts",
+                 lambda request: GroupedQuestions(_synthetic(ShapesDataset)(request), count_questions="drawn"))
 # data.strict checks every record before training (verify): the first bad one stops the run at once.
 register_dataset("jsonl", lambda request: ChatJsonlDataset(request.path, image_root=request.option("images"),
                                                            strict=request.strict, verify=request.strict),

@@ -112,6 +112,7 @@ class RunOutputs:
 #: Training-only views of a dataset are scored on the dataset's standard test form.
 EVAL_FORM = {"easy_vqa_dialogues": "easy_vqa", "easy_vqa_grouped": "easy_vqa", "easy_vqa_open": "easy_vqa",
              "easy_vqa_shape": "easy_vqa", "easy_vqa_color": "easy_vqa", "shapes_grouped": "shapes",
+             "shapes_grouped_drawn_counts": "shapes",
              "charts_grouped": "charts", "multi_image_grouped": "multi_image"}
 
 

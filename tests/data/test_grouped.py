@@ -101,3 +101,33 @@ def test_multi_image_more_names_the_one_image_with_strictly_most():
 def test_a_task_without_questions_about_cannot_be_grouped():
     with pytest.raises(TypeError, match="VideoDataset cannot be grouped"):
         GroupedQuestions(VideoDataset("train"))
+
+
+def test_drawn_counts_keep_only_the_count_the_scene_was_drawn_for():
+    """``shapes_grouped_drawn_counts``: the same scenes and other questions as ``shapes_grouped``,
+    and a count question only where the task drew the scene for one, so the count answers follow
+    the task's own distribution (every value 0-4 present, none a majority) instead of the
+    count of every kind (mostly 0 and 1)."""
+    every = build_dataset("shapes_grouped", "train", seed=0, image_size=64)
+    drawn = build_dataset("shapes_grouped_drawn_counts", "train", seed=0, image_size=64)
+    task = build_dataset("shapes", "train", seed=0, image_size=64)
+    answers = {"all": [], "drawn": []}
+    for index in range(300):
+        a, b, base = every[index], drawn[index], task[index]
+        others = [[(question(m), m["answer"]) for m in group if m["question_type"] != "count"] for group in (a, b)]
+        assert others[0] == others[1]
+        counts = [m for m in b if m["question_type"] == "count"]
+        if base["question_type"] == "count":
+            assert [(question(m), m["answer"]) for m in counts] == [(question(base), base["answer"])]
+        else:
+            assert counts == []
+        answers["all"] += [m["answer"] for m in a if m["question_type"] == "count"]
+        answers["drawn"] += [m["answer"] for m in counts]
+    share = {name: {v: values.count(v) / len(values) for v in "01234"} for name, values in answers.items()}
+    assert share["all"]["0"] + share["all"]["1"] > 0.7
+    assert all(share["drawn"][v] > 0.05 for v in "01234") and max(share["drawn"].values()) < 0.4
+
+
+def test_count_questions_must_be_all_or_drawn():
+    with pytest.raises(ValueError, match="count_questions must be one of"):
+        GroupedQuestions(build_dataset("shapes", "train", seed=0, image_size=64), count_questions="some")

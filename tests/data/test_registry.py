@@ -20,7 +20,8 @@ def test_known_names():
     assert available_datasets() == sorted(
         ["easy_vqa", "easy_vqa_grouped", "easy_vqa_open", "easy_vqa_shape", "easy_vqa_color", "easy_vqa_dialogues",
          "shapes", "charts",
-         "multi_image", "video", "retrieval", "shapes_grouped", "charts_grouped", "multi_image_grouped", "jsonl",
+         "multi_image", "video", "retrieval", "shapes_grouped", "shapes_grouped_drawn_counts", "charts_grouped",
+         "multi_image_grouped", "jsonl",
          "llava", "coco", "webdataset", "parquet", "hf"]
     )
 
