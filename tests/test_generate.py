@@ -390,9 +390,8 @@ def test_generate_interrupted_by_its_tokenizer_leaves_inference_mode_and_the_pac
 
 
 # ---- the compiled decode step ----------------------------------------------------------------------------
-@pytest.mark.parametrize("fusion", FUSIONS)
-def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
-    model = lively_model(fusion)
+def counting_compiled_step():
+    """``(decode_step compiled in one graph or failing, the list of graphs it captured)``."""
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -400,19 +399,31 @@ def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
         return graph_module.forward
 
     torch._dynamo.reset()
-    step = torch.compile(decode_step, backend=counting_backend, fullgraph=True, dynamic=False)
-    batch = model.processor(conversations()[:3], add_generation_prompt=True, padding_side="left")
+    return torch.compile(decode_step, backend=counting_backend, fullgraph=True, dynamic=False), graphs
+
+
+def greedy_with_step(model, step, conversations_, new_tokens) -> list[list[int]]:
+    """Prefill ``conversations_`` into a whole-buffer cache, then ``new_tokens`` greedy ``step`` calls."""
+    batch = model.processor(conversations_, add_generation_prompt=True, padding_side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     cache = model.decoder.new_cache(ids.shape[0], model.config.decoder.max_seq_len)
     tokens = []
     with torch.no_grad():
         logits = prefill(model, cache, ids, mask, batch["pixel_values"])
-        for _ in range(6):
+        for _ in range(new_tokens):
             logits[:, model.config.image_token_id] = float("-inf")
             tokens.append(logits.argmax(-1))
             logits = step(model, cache, tokens[-1])
+    return torch.stack(tokens, 1).tolist()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_decode_step_is_captured_as_one_graph_for_every_step(fusion):
+    model = lively_model(fusion)
+    step, graphs = counting_compiled_step()
+    tokens = greedy_with_step(model, step, conversations()[:3], 6)
     assert len(graphs) == 1
-    assert torch.stack(tokens, 1).tolist() == generate_tokens(model, conversations()[:3], max_new_tokens=6)
+    assert tokens == generate_tokens(model, conversations()[:3], max_new_tokens=6)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -422,29 +433,9 @@ def test_a_second_prompt_reuses_the_compiled_step(fusion):
     guarded on its entries, so every prompt recompiled, and a dead cache collected while it
     traced crashed the compilation.)"""
     model = lively_model(fusion)
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    step = torch.compile(decode_step, backend=counting_backend, fullgraph=True, dynamic=False)
+    step, graphs = counting_compiled_step()
     first, second = conversations()[:3], conversations()[1:4]
-    replies = []
-    for batch in (first, second, first):
-        inputs = model.processor(batch, add_generation_prompt=True, padding_side="left")
-        ids = inputs["input_ids"]
-        cache = model.decoder.new_cache(ids.shape[0], model.config.decoder.max_seq_len)
-        with torch.no_grad():
-            logits = prefill(model, cache, ids, inputs["attention_mask"].bool(), inputs["pixel_values"])
-            tokens = []
-            for _ in range(4):
-                logits[:, model.config.image_token_id] = float("-inf")
-                tokens.append(logits.argmax(-1))
-                logits = step(model, cache, tokens[-1])
-        replies.append(torch.stack(tokens, 1).tolist())
-        del cache
+    replies = [greedy_with_step(model, step, batch, 4) for batch in (first, second, first)]
     assert len(graphs) == 1
     assert replies[0] == replies[2] == generate_tokens(model, first, max_new_tokens=4)
     assert replies[1] == generate_tokens(model, second, max_new_tokens=4)
