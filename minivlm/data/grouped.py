@@ -27,7 +27,7 @@ class GroupedQuestions(Dataset):
             method; its samples carry their ``"scene"``.
         count_questions: ``"all"``: every ``count`` question ``questions_about`` finds (for shapes,
             the count of every kind, so small answers dominate: on 400 training scenes 0 and 1
-            were 81% of the answers and 3 and 4 5%, against 47% of 3 and 4 in the test split);
+            were 81% of the answers and 3 and 4 5%, against 49% of 3 and 4 in the test split);
             ``"drawn"``: only the one the scene was drawn for, if it was drawn for a count, so
             the answers follow the task's own distribution.
 
