@@ -64,7 +64,7 @@ def packed_linear(x: Tensor, packed: PackedWeight, residual: Tensor | None = Non
     """``x [..., in] -> [..., sum(out_i)]`` through a :class:`PackedWeight`, plus ``residual``
     (``[..., sum(out_i)]``) if given: a residual add folded into the same BLAS call."""
     shape = x.shape
-    x = x.reshape(-1, shape[-1]) if x.ndim != 2 else x  # the decoder's flattened tokens are 2-D already
+    x = _rows(x)
     if packed.rms_eps is not None:
         # 1 / rms(x) per row as one batched dot product: eps + (x . x) / D, then rsqrt; the
         # norm's weight is in weight_t (RMSNorm's own kernel runs ~7 operators).
@@ -72,10 +72,15 @@ def packed_linear(x: Tensor, packed: PackedWeight, residual: Tensor | None = Non
         x = x * inv_rms.view(-1, 1)
     add = packed.bias
     if residual is not None:
-        residual = residual.reshape(-1, residual.shape[-1]) if residual.ndim != 2 else residual
+        residual = _rows(residual)
         add = residual if add is None else residual + add
     out = torch.mm(x, packed.weight_t) if add is None else torch.addmm(add, x, packed.weight_t)
     return out if len(shape) == 2 else out.view(*shape[:-1], -1)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``[..., D] -> [N, D]``; the decoder's flattened tokens are 2-D already (no reshape call)."""
+    return t if t.ndim == 2 else t.reshape(-1, t.shape[-1])
 
 
 class PackedLinears:
@@ -112,8 +117,9 @@ class PackedLinears:
     token.
     """
 
-    def __init__(self, model: nn.Module):
-        self._plan = _Plan.of(model)
+    def __init__(self, model: nn.Module, *, plan: _Plan | None = None):
+        """``plan``: :class:`_Plan` ``.of(model)`` when the caller has just found it."""
+        self._plan = plan if plan is not None else _Plan.of(model)
         self._build()
 
     def _build(self) -> None:
@@ -143,7 +149,7 @@ class PackedLinears:
         packs = _BY_MODEL.get(model)
         if (packs is None or not packs._plan.same_as(plan) or packs._storage != _storage(plan.sources)
                 or not torch.equal(packs._samples, _samples(plan.sources))):
-            packs = _BY_MODEL[model] = cls(model)
+            packs = _BY_MODEL[model] = cls(model, plan=plan)
         return packs
 
     @property
