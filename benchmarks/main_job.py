@@ -103,6 +103,8 @@ def run_seed(seed: int, out: Path, overrides: list[str], eval_limit: int | None 
     result = json.loads((run_dir / "eval.json").read_text())
     row.update(steps=result["steps"], train_s=result["train_seconds"], eval_s=result["seconds"],
                metrics=result["metrics"])
+    # What train.precision=auto resolved to on this machine (bf16 where the CPU multiplies bf16).
+    row["precision"] = json.loads((run_dir / "train_result.json").read_text()).get("precision", "fp32")
     threads = [json.loads(line).get("threads") for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                if line.strip() and "threads" in line]
     row["threads"] = {str(t): threads.count(t) for t in sorted(set(threads) - {None})}
@@ -118,19 +120,19 @@ def run_seed(seed: int, out: Path, overrides: list[str], eval_limit: int | None 
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["seed", "steps", "train s", "eval s", "wall s", *[h for _, h in COLUMNS], "chat"]
+    head = ["seed", "steps", "precision", "train s", "eval s", "wall s", *[h for _, h in COLUMNS], "chat"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["exit_code"]:
             lines.append(f"| {row['seed']} | failed (exit {row['exit_code']}) |")
             continue
         m = row["metrics"]
-        cells = [str(row["seed"]), str(row["steps"]), f"{row['train_s']:.0f}", f"{row['eval_s']:.0f}",
+        cells = [str(row["seed"]), str(row["steps"]), row.get("precision", "fp32"), f"{row['train_s']:.0f}", f"{row['eval_s']:.0f}",
                  f"{row['wall_s']:.0f}"]
         cells += [f"{m[key]:.3f}" if key in m else "-" for key, _ in COLUMNS]
         cells.append(", ".join(f"{c['answer']!r}{'' if c['correct'] else ' (wrong)'}" for c in row["chat"]))
         lines.append("| " + " | ".join(cells) + " |")
-    targets = ["target", "", "", "", "", *[f">= {TARGETS[k]}" if k in TARGETS else "" for k, _ in COLUMNS], "correct"]
+    targets = ["target", "", "", "", "", "", *[f">= {TARGETS[k]}" if k in TARGETS else "" for k, _ in COLUMNS], "correct"]
     lines.append("| " + " | ".join(targets) + " |")
     return "\n".join(lines)
 

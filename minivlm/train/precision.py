@@ -14,10 +14,23 @@ import torch
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA cards that support it, else fp32 (CPU autocast gains little here).
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (x86 AVX-512 BF16 or AMX): where it has not,
+    PyTorch emulates bf16 products and autocast would slow training down instead of speeding it up."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu since 2.2
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
-    fp16 and bf16 autocast both run on the CPU (torch >= 2.4), useful to test those paths
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device multiplies bf16 natively, else fp32.
+
+    CUDA: bf16 on cards that support it (Ampere and later). CPU: bf16 when it has AVX-512 BF16 or
+    AMX (:func:`cpu_multiplies_bf16`): the ``tiny`` main job's step is ~0.8x as long under bf16
+    autocast on such a CPU (``python -m benchmarks.cpu_speed``), attention kept in fp32
+    (:func:`minivlm.kernels.reference.sdpa_attention`). The choice depends on what the hardware
+    can do, never on how fast or busy it is; pin ``train.precision`` to compare machines bit for bit.
+
+    fp16 and bf16 autocast both run on any CPU (torch >= 2.4), useful to test those paths
     without a GPU; a CUDA card without bf16 (pre-Ampere) is refused bf16 by name.
     """
     if precision not in PRECISIONS:
@@ -28,6 +41,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if device.type == "cpu" and cpu_multiplies_bf16():
         return "bf16"
     return "fp32"
 

@@ -64,6 +64,7 @@ class TrainResult:
     ``skipped_steps``: steps skipped for a non-finite loss or gradient;
     ``overflow_steps``: fp16 steps the gradient scaler skipped (normal while it calibrates).
     ``history``: one record per step of this call, as written to ``metrics.jsonl``.
+    ``precision``: what ``train.precision`` resolved to (``auto`` -> bf16 or fp32, by device).
     """
 
     steps: int
@@ -76,6 +77,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     overflow_steps: int = 0
     stop_signal: int | None = None
+    precision: str = "fp32"
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -142,6 +144,8 @@ class Trainer(CheckpointedRun, OptimizerStep):
         self.contrastive = (ContrastiveObjective.from_config(self.tcfg, processor, self.cfg.encoder.image_size)
                             if self.tcfg.retrieval_weight else None)
         self.precision = resolve_precision(self.tcfg.precision, self.device)
+        if self.dist.is_main:
+            log.info("precision: %s%s", self.precision, " (train.precision=auto)" if self.tcfg.precision == "auto" else "")
         scales = part_lr_scales(self.tcfg)
         self.eval_fn = eval_fn
         self.progress = progress and self.dist.is_main
@@ -394,7 +398,8 @@ class Trainer(CheckpointedRun, OptimizerStep):
             log.warning("skipped samples: %s", dict(self.skipped_samples))
         return TrainResult(self.step, self._final_status(status), last_loss, seconds,
                            tokens_seen / max(seconds, 1e-9), self.nonfinite_total, dict(self.skipped_samples), history,
-                           self.overflow_total, self._stop_signal if status == "interrupted" else None)
+                           self.overflow_total, self._stop_signal if status == "interrupted" else None,
+                           self.precision)
 
     def _final_status(self, status: str) -> str:
         """``nonfinite`` when more than half of the run's steps so far (resumed parts included)

@@ -223,6 +223,7 @@ def test_junit_counts_reads_pytest_xml(tmp_path):
 def test_main_job_benchmark_writes_the_per_seed_table(tmp_path):
     """Two seeds of a 3-step main job: one row each with steps, seconds, metrics and the demo chat."""
     from benchmarks import main_job
+    from minivlm.train.precision import resolve_precision
 
     out = tmp_path / "mj"
     code = main_job.main(["--seeds", "0", "1", "--out", str(out), "--eval-limit", "8", "--jobs", "2",
@@ -231,6 +232,7 @@ def test_main_job_benchmark_writes_the_per_seed_table(tmp_path):
     assert code == 0 and [row["seed"] for row in report["rows"]] == [0, 1]
     for row in report["rows"]:
         assert row["exit_code"] == 0 and row["steps"] == 3
+        assert row["precision"] == resolve_precision("auto", torch.device("cpu"))  # what the run trained in
         assert 0 <= row["metrics"]["easy_vqa/accuracy"] <= 1 and "charts/max_value" in row["metrics"]
         assert 0 <= row["metrics"]["retrieval/t2i_r@5"] <= 1  # tiny trains its retrieval head too
         assert [c["question"] for c in row["chat"]] == ["what shape is in the image?",
@@ -247,9 +249,9 @@ def test_cpu_speed_benchmark_measures_every_row(tmp_path, capsys):
     assert cpu_speed.main(["--rounds", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "cpu_speed.json").read_text())["rows"]
     names = [r["what"] for r in rows]
-    assert len(rows) == 4 and all(r["a_s"] > 0 and r["b_s"] > 0 for r in rows)
+    assert len(rows) == 5 and all(r["a_s"] > 0 and r["b_s"] > 0 for r in rows)
     assert names[0].startswith("adamw") and names[1].startswith("render") and names[2].startswith("train step: 1")
-    assert "contrastive" in names[3]
+    assert "contrastive" in names[3] and "bf16 autocast / fp32" in names[4]
     assert "| A / B |" in capsys.readouterr().out
 
 

@@ -117,3 +117,29 @@ def test_unknown_backend():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         attention(q, k, v, AttentionMask.causal_lm(), backend="fast")
+
+
+def test_cpu_training_attends_reduced_precision_in_fp32_under_autocast(monkeypatch):
+    # bf16 inputs that need gradients run SDPA in fp32 (faster backward on the CPU), inside
+    # autocast too, which would otherwise cast them back down; the result keeps q's dtype.
+    dtypes = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *a, **kw):
+        dtypes.append(q.dtype)
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    mask = AttentionMask(causal=True, span_ids=torch.ones(2, 12, dtype=torch.long))  # a boolean-mask path
+    q, k, v = (t.requires_grad_() for t in _qkv(T=12, S=12, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa_attention(q, k, v, mask)
+    assert dtypes == [torch.float32] and out.dtype == torch.bfloat16
+    expected = real(q.float(), k.float(), v.float(), attn_mask=mask.dense(12, 12, q.device), enable_gqa=True)
+    assert torch.equal(out, expected.to(torch.bfloat16))
+    out.float().square().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+    with torch.no_grad():  # inference keeps the input dtype (no backward to save)
+        assert sdpa_attention(q, k, v, mask).dtype == torch.bfloat16
+    assert dtypes[-1] == torch.bfloat16

@@ -12,7 +12,7 @@ import torch
 import trainkit as tk
 
 from minivlm.train.distributed import DistributedContext
-from minivlm.train.precision import autocast, grad_scaler, resolve_precision
+from minivlm.train.precision import autocast, cpu_multiplies_bf16, grad_scaler, resolve_precision
 from minivlm.train.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -56,11 +56,22 @@ def test_fp16_overflow_skips_the_step_and_backs_off_the_scale(tmp_path):
 
 
 def test_resolve_precision():
-    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_multiplies_bf16() else "fp32")
     for name in ("fp32", "bf16", "fp16"):
         assert resolve_precision(name, CPU) == name
     with pytest.raises(ValueError, match="expected one of auto | fp32 | bf16 | fp16, got 'float16'"):
         resolve_precision("float16", CPU)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"),
+                                                               (False, False, "fp32")])
+def test_auto_precision_on_the_cpu_follows_its_bf16_instructions(monkeypatch, avx512_bf16, amx, expected):
+    # What the hardware can do decides, never how fast it is: the same CPU model always resolves alike.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_multiplies_bf16() is (avx512_bf16 or amx)
+    assert resolve_precision("auto", CPU) == expected
+    assert resolve_precision("fp32", CPU) == "fp32"  # pinned settings are never overridden
 
 
 def test_autocast_and_scaler_follow_the_precision():
