@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 import yaml
@@ -205,6 +206,17 @@ def test_a_base_config_changed_between_invocations_is_refused(tmp_path):
     (tmp_path / "base_config.json").write_text(json.dumps(recorded))
     with pytest.raises(GridError, match=r"encoder.width: 48 -> 32"):
         run_ablation(grid, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["projectors", "encoder_and_training"])
+def test_the_committed_studies_still_resume_from_their_grid_files(name):
+    # The README's commands re-run a committed study on any clone and skip its finished runs; that
+    # holds only while the grid file still resolves to the settings the runs were made with (an edit
+    # of the `tiny` preset must not leave the committed results unreachable or silently mixed).
+    grid_dir = Path(__file__).resolve().parents[2] / "benchmarks" / "ablations"
+    grid = AblationGrid.load(grid_dir / f"{name}.yaml")
+    ablate.check_output_dir(grid, grid_dir / "results" / name)
+    assert grid.base_config().train.precision == "fp32"  # what `auto` gave on the CPU that made them
 
 
 def test_a_wall_clock_limit_never_cuts_a_variant_short():
