@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"train step ({cores} threads): with / without the contrastive term "
                      f"({cfg.train.retrieval_batch_size} pairs)",
                      *interleaved(lambda: step_with(True), lambda: step_with(False), args.rounds)))
+        trainer.contrastive = objective  # the precision row times the main job's whole step
 
         def step_in(precision: str):
             trainer.precision = precision
