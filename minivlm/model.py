@@ -154,12 +154,26 @@ class VisionLanguageModel(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """``[N, C, H, W] -> [N, P', D_txt]`` image tokens in the decoder's width
-        (``C = in_channels * temporal_patch_size``: stacked frames, see :class:`EncoderConfig`)."""
+        (``C = in_channels * temporal_patch_size``: stacked frames, see :class:`EncoderConfig`).
+
+        Without gradients, an image that repeats in the batch is encoded once (the same rows, bit
+        for bit, as encoding it alone): a batch of questions about a few images, as evaluation
+        generates them, costs the encoder only those images."""
         e = self.config.encoder
         expected = (e.pixel_channels, e.image_size, e.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape [N, {', '.join(map(str, expected))}]; "
                              f"got {list(pixel_values.shape)}")
+        if pixel_values.shape[0] > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Inference batches often repeat an image (every question about it is its own
+            # conversation): encode each distinct image once. Reading which rows repeat is a host
+            # sync, so training (grads on) and compiled graphs keep the plain path.
+            distinct, where = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+            if distinct.shape[0] < pixel_values.shape[0]:
+                return self._encode(distinct.view(-1, *pixel_values.shape[1:]))[where]
+        return self._encode(pixel_values)
+
+    def _encode(self, pixel_values: Tensor) -> Tensor:
         return self.projector(self.encoder(pixel_values.to(self.encoder.pos_embed.dtype)))
 
     def check_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None) -> None:
@@ -225,7 +239,8 @@ class VisionLanguageModel(nn.Module):
                 loop fed by the processor and collator may).
 
         Nothing else reads a tensor's values on the host (an eager forward into a KV cache with an
-        ``attention_mask`` reads once whether it pads, see :class:`StaticKVCache`): with
+        ``attention_mask`` reads once whether it pads, see :class:`StaticKVCache`; an eager forward
+        without gradients reads which images repeat, see :meth:`encode_images`): with
         ``validate=False``, or compiled, training forward + loss and a decode step are each one graph.
         """
         self._check_shapes(input_ids, attention_mask, position_ids, document_ids, branch_ids, cache, labels,

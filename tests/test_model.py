@@ -303,3 +303,28 @@ def test_attention_backend_reaches_every_attention_call(monkeypatch, projector, 
 def test_an_unknown_attention_backend_is_refused_when_the_model_is_built():
     with pytest.raises(ValueError, match=r"attention_backend: unknown attention backend 'fast'.*'auto', 'flex'"):
         VisionLanguageModel(preset("tiny").override("attention_backend=fast"))
+
+
+def test_repeated_images_are_encoded_once_at_inference_and_every_time_in_training():
+    """Evaluation asks several questions about one image, each its own conversation: without
+    gradients the encoder sees each distinct image once and every copy gets its tokens."""
+    cfg = preset("tiny").override("decoder.n_layers=2", "encoder.depth=2")
+    model = VisionLanguageModel(cfg).eval()
+    _, distinct = make_batch(cfg, [3])
+    order = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    pixels = distinct[order]
+    seen = []
+    model.encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        tokens = model.encode_images(pixels)
+        alone = torch.stack([model.encode_images(p[None])[0] for p in distinct])
+    assert seen == [3, 1, 1, 1]
+    assert tokens.shape == (7, image_seq_len(cfg), cfg.decoder.width)
+    torch.testing.assert_close(tokens, alone[order], rtol=1e-5, atol=1e-6)
+    assert torch.equal(tokens[1], tokens[2]) and torch.equal(tokens[0], tokens[4])
+
+    seen.clear()
+    model.encode_images(pixels).sum().backward()  # grads on: every row, so each copy gets its gradient
+    with torch.no_grad():
+        model.encode_images(distinct)  # nothing repeats: encoded as given
+    assert seen == [7, 3]
