@@ -315,7 +315,8 @@ class Processor:
                 "Processor(...) expects a batch: a list of conversations, each a list of messages; "
                 "got a single conversation (wrap it in a list, or use Processor.render)"
             )
-        samples = [self.render(c, add_generation_prompt=add_generation_prompt) for c in conversations]
+        cache = MediaCache()  # the questions of a batch often show the same image objects
+        samples = [self.render(c, add_generation_prompt=add_generation_prompt, media_cache=cache) for c in conversations]
         if not return_tensors:
             return {
                 "input_ids": [s.input_ids for s in samples],

@@ -51,3 +51,17 @@ def test_render_once_gives_the_batch_of_rendering_each_question_alone(groups, pa
             assert torch.equal(value, each[key]), key
         else:
             assert value == each[key], key
+
+
+def test_a_generation_batch_preprocesses_each_shared_image_once(groups, monkeypatch):
+    """Evaluation batches hold many questions about the same image objects: the processor call
+    preprocesses each once, and the batch equals the concatenation of each prompt rendered alone."""
+    processor = tk.processor()
+    counting = CountingImageProcessor(processor.image_processor)
+    monkeypatch.setattr(processor, "image_processor", counting)
+    prompts = [[s["messages"][0]] for group in groups for s in group]
+    batch = processor(prompts, add_generation_prompt=True, padding_side="left")
+    assert counting.calls == len(groups)
+    alone = torch.cat([processor.render(p, add_generation_prompt=True).pixel_values for p in prompts])
+    assert torch.equal(batch["pixel_values"], alone)
+    assert batch["input_ids"].shape[0] == len(prompts) > len(groups)
