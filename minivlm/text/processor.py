@@ -305,6 +305,8 @@ class Processor:
         None), or with ``return_tensors=False`` unpadded lists: ``input_ids`` and ``labels``
         (lists of id lists) and ``pixel_values`` (one ``[n_views, C, H, W]`` tensor per sample).
         Use ``padding_side="left"`` with ``add_generation_prompt=True`` for batched generation.
+        Conversations that show the same image object share its preprocessing (one
+        :class:`MediaCache` per call).
         """
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side must be one of {PADDING_SIDES}; got {padding_side!r}")

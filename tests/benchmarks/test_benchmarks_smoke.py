@@ -255,6 +255,28 @@ def test_cpu_speed_benchmark_measures_every_row(tmp_path, capsys):
     assert "| A / B |" in capsys.readouterr().out
 
 
+def test_eval_speed_benchmark_times_both_rows_and_checks_the_scores_agree(tmp_path, capsys):
+    import minivlm
+    from benchmarks import eval_speed
+
+    model, _ = minivlm.build("tiny", "decoder.n_layers=1", "encoder.depth=1")
+    model.save_pretrained(tmp_path / "model")
+    assert eval_speed.main(["--model", str(tmp_path / "model"), "--rounds", "1", "--eval-limit", "3",
+                            "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "eval_speed.json").read_text())
+    assert [r["what"].split(":")[0] for r in payload["rows"]] == ["evaluation", "processor call on 64 easy-VQA prompts"]
+    assert all(r["a_s"] > 0 and r["b_s"] > 0 for r in payload["rows"])
+    assert payload["same_metrics"] is True and payload["metrics"]["easy_vqa/accuracy"] >= 0
+    assert "metrics identical both ways: True" in capsys.readouterr().out
+
+
+def test_eval_speed_benchmark_says_what_it_needs_without_a_model(tmp_path, capsys):
+    from benchmarks import eval_speed
+
+    assert eval_speed.main(["--model", str(tmp_path / "none")]) == 2
+    assert "no model at" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------
 # The three-way decode comparison (nanoVLM from ../shared when present)
 # -------------------------------------------------------------------------------------------
