@@ -156,9 +156,10 @@ class VisionLanguageModel(nn.Module):
         """``[N, C, H, W] -> [N, P', D_txt]`` image tokens in the decoder's width
         (``C = in_channels * temporal_patch_size``: stacked frames, see :class:`EncoderConfig`).
 
-        Without gradients, an image that repeats in the batch is encoded once (the same rows, bit
-        for bit, as encoding it alone): a batch of questions about a few images, as evaluation
-        generates them, costs the encoder only those images."""
+        Without gradients, an image that repeats in the batch is encoded once and its tokens are
+        copied to every repeat (equal to encoding the whole batch up to the rounding of a smaller
+        batch's products): a batch of questions about a few images, as evaluation generates them,
+        costs the encoder only those images."""
         e = self.config.encoder
         expected = (e.pixel_channels, e.image_size, e.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
