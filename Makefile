@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The main job: train the tiny VLM (a fixed number of steps: same result on any machine, ~9 minutes
-# on 2 CPU cores with bf16 instructions, ~10-11 without), then ask it about an easy-VQA test image and the course page's bar chart, and
-# retrieve with it both ways among 8 test image-caption pairs (the answer is image 3 / caption 4).
+# The main job: train the tiny VLM (a fixed number of steps: same result on any machine, ~8-9 minutes
+# on 2 CPU cores with bf16 instructions, ~10-11 without), then ask it about an easy-VQA test image
+# and the course page's bar chart, and retrieve with it both ways among 8 test image-caption pairs
+# (the answer is image 3 / caption 4).
 demo: $(STAMP)
 	$(VENV)/bin/minivlm train --out runs/tiny --overwrite
 	$(VENV)/bin/minivlm chat --model runs/tiny/model \
