@@ -307,7 +307,9 @@ def test_an_unknown_attention_backend_is_refused_when_the_model_is_built():
 
 def test_repeated_images_are_encoded_once_at_inference_and_every_time_in_training():
     """Evaluation asks several questions about one image, each its own conversation: without
-    gradients the encoder sees each distinct image once and every copy gets its tokens."""
+    gradients the encoder sees each distinct image once and every copy gets its tokens (equal to
+    encoding the image alone up to the rounding of a different batch size: ~1e-6 on an Intel Xeon
+    with AMX, within 1e-6 on an AMD EPYC)."""
     cfg = preset("tiny").override("decoder.n_layers=2", "encoder.depth=2")
     model = VisionLanguageModel(cfg).eval()
     _, distinct = make_batch(cfg, [3])
@@ -320,7 +322,7 @@ def test_repeated_images_are_encoded_once_at_inference_and_every_time_in_trainin
         alone = torch.stack([model.encode_images(p[None])[0] for p in distinct])
     assert seen == [3, 1, 1, 1]
     assert tokens.shape == (7, image_seq_len(cfg), cfg.decoder.width)
-    torch.testing.assert_close(tokens, alone[order], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tokens, alone[order], rtol=1e-4, atol=1e-5)
     assert torch.equal(tokens[1], tokens[2]) and torch.equal(tokens[0], tokens[4])
 
     seen.clear()

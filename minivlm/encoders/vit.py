@@ -19,6 +19,7 @@ from minivlm.config import EncoderConfig, VLMConfig, require
 from minivlm.kernels.dispatch import attention
 from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import MLP
+from minivlm.layers.norms import LayerNorm
 
 _BIDIRECTIONAL = AttentionMask.bidirectional()
 
@@ -48,9 +49,9 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm1 = LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.attn = EncoderAttention(cfg.width, cfg.n_heads, cfg.qkv_bias)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.norm2 = LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.width, cfg.mlp_dim, act=cfg.activation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -73,7 +74,7 @@ class AttentionPoolHead(nn.Module):
         self.q = nn.Linear(D, D, bias=cfg.qkv_bias)
         self.kv = nn.Linear(D, 2 * D, bias=cfg.qkv_bias)
         self.proj = nn.Linear(D, D)
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.norm = LayerNorm(D, eps=cfg.norm_eps)
         self.mlp = MLP(D, cfg.mlp_dim, act=cfg.activation)
         self.attention_backend: str | None = None
 
@@ -222,9 +223,9 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, self.n_prefix + cfg.n_patches, D) * 0.02)
         index = idefics3_position_index(cfg.grid_size) if cfg.pos_index == "idefics3" else None
         self.register_buffer("pos_index", index, persistent=False)
-        self.ln_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
+        self.ln_pre = LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
+        self.norm = LayerNorm(D, eps=cfg.norm_eps) if cfg.final_norm else None
         self.pool_head = AttentionPoolHead(cfg) if cfg.pooling == "map" else None
         self.proj = nn.Linear(D, cfg.embed_dim, bias=False) if cfg.embed_dim else None
 

@@ -16,6 +16,7 @@ from minivlm.config import VLMConfig, require
 from minivlm.kernels.dispatch import attention
 from minivlm.kernels.mask import AttentionMask
 from minivlm.layers.mlp import MLP
+from minivlm.layers.norms import LayerNorm
 
 _FULL = AttentionMask.bidirectional()
 
@@ -26,12 +27,12 @@ class ResamplerLayer(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.norm_latents = nn.LayerNorm(dim)
-        self.norm_features = nn.LayerNorm(dim)
+        self.norm_latents = LayerNorm(dim)
+        self.norm_features = LayerNorm(dim)
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
-        self.norm_mlp = nn.LayerNorm(dim)
+        self.norm_mlp = LayerNorm(dim)
         self.mlp = MLP(dim, 4 * dim, bias=False)
         self.attention_backend: str | None = None  # None: dispatch's default (kernels.dispatch)
 
@@ -88,7 +89,7 @@ class ResamplerProjector(nn.Module):
         self.input_proj = nn.Linear(config.encoder.width, D)
         self.latents = nn.Parameter(torch.randn(p.n_latents, D) * D**-0.5)
         self.layers = nn.ModuleList(ResamplerLayer(D, p.n_heads) for _ in range(p.n_layers))
-        self.norm = nn.LayerNorm(D)
+        self.norm = LayerNorm(D)
 
     def forward(self, features: Tensor) -> Tensor:
         x = self.input_proj(features)
