@@ -39,9 +39,10 @@ class LayerNorm(nn.LayerNorm):
     one change: a half-precision input, as bf16 autocast on the CPU hands it over (autocast keeps
     CUDA layer norms in fp32, not CPU ones), is normalised in fp32 and the result cast back.
     PyTorch's CPU kernel accumulates the weight and bias gradients of a bf16 input at low
-    precision: on the ``tiny`` encoder under bf16 autocast they were 6-35% off an fp32 reference
-    (relative L2) where every other gradient of the model was ~1% off; in fp32 they are ~1% off
-    too (``tests/layers/test_norms.py``). fp32 inputs take PyTorch's kernel unchanged.
+    precision: on the ``tiny`` encoder under bf16 autocast they were 6-22% off an fp32 reference
+    (relative L2) where the median of the model's other gradients was 1.6% off; normalised in fp32
+    they are 1.5-2.1% off (``python -m benchmarks.cpu_speed``; ``tests/layers/test_norms.py``).
+    fp32 inputs take PyTorch's kernel unchanged.
     Shape: ``[..., D] -> [..., D]``, in the input's dtype.
     """
 

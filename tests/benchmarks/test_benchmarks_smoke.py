@@ -249,9 +249,11 @@ def test_cpu_speed_benchmark_measures_every_row(tmp_path, capsys):
     assert cpu_speed.main(["--rounds", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "cpu_speed.json").read_text())["rows"]
     names = [r["what"] for r in rows]
-    assert len(rows) == 5 and all(r["a_s"] > 0 and r["b_s"] > 0 for r in rows)
+    assert len(rows) == 6 and all(r["a_s"] > 0 and r["b_s"] > 0 for r in rows)
     assert names[0].startswith("adamw") and names[1].startswith("render") and names[2].startswith("train step: 1")
-    assert "contrastive" in names[3] and "bf16 autocast / fp32" in names[4]
+    assert "contrastive" in names[3] and "bf16 autocast / fp32" in names[4] and "LayerNorm" in names[5]
+    errors = json.loads((tmp_path / "cpu_speed.json").read_text())["norm_gradient_errors"]
+    assert errors["LayerNorm"][1] < errors["nn.LayerNorm"][1]  # the reason the encoder uses its own
     assert "| A / B |" in capsys.readouterr().out
 
 
