@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# The main job: train the tiny VLM (a fixed number of steps: same result on any machine, ~8-9 minutes
-# on 2 CPU cores with bf16 instructions, ~10-11 without), then ask it about an easy-VQA test image
+# The main job: train the tiny VLM (a fixed number of steps: the same schedule on any machine, ~7-9
+# minutes on 2 CPU cores with bf16 instructions, ~10-11 without), then ask it about an easy-VQA test image
 # and the course page's bar chart, and retrieve with it both ways among 8 test image-caption pairs
 # (the answer is image 3 / caption 4).
 demo: $(STAMP)
