@@ -52,6 +52,12 @@ def interleaved(a, b, rounds: int, repeat: int = 1) -> tuple[float, float]:
     return statistics.median(times["a"]), statistics.median(times["b"])
 
 
+def use_norm(norms, cls) -> None:
+    """Make every module of ``norms`` a ``cls`` (minivlm's LayerNorm or ``nn.LayerNorm``: same state)."""
+    for m in norms:
+        m.__class__ = cls
+
+
 def norm_gradient_errors(model, norms, batch) -> dict:
     """Relative L2 error of bf16-autocast gradients against fp32 ones on ``batch``: the (min, max)
     over the weights and biases of ``norms`` as minivlm's LayerNorm and as ``nn.LayerNorm``, and
@@ -74,8 +80,7 @@ def norm_gradient_errors(model, norms, batch) -> dict:
     reference = grads("fp32")
     errors: dict = {}
     for cls, label in ((LayerNorm, "LayerNorm"), (torch.nn.LayerNorm, "nn.LayerNorm")):
-        for m in norms:
-            m.__class__ = cls
+        use_norm(norms, cls)
         g = grads("bf16")
         errs = [rel(g[n], reference[n]) for n in in_norms]
         errors[label] = (min(errs), max(errs))
@@ -164,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
 
         def step_with_norm(cls):
-            for m in norms:
-                m.__class__ = cls
+            use_norm(norms, cls)
             step_in("bf16")
 
         rows.append((f"train step ({cores} threads, bf16): minivlm LayerNorm / nn.LayerNorm",
@@ -173,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.rounds)))
         easy = build_dataset("easy_vqa", "train", seed=0, image_size=cfg.encoder.image_size)
         errors = norm_gradient_errors(model, norms, processor([easy[i]["messages"] for i in range(48)]))
-        for m in norms:
-            m.__class__ = LayerNorm
+        use_norm(norms, LayerNorm)
 
     load = os.getloadavg()
     lines = [f"CPU A/B, interleaved, {args.rounds} rounds (load before/after: {load[0]:.2f})",
